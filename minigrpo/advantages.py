@@ -1,0 +1,76 @@
+"""Group-relative advantages: how much better each completion did than its siblings.
+
+GRPO has no value network.  It samples G completions o_1..o_G for the same prompt q, scores them
+with rewards r_1..r_G, and uses the group itself as the baseline:
+
+    Â_i = (r_i − mean_j r_j) / (std_j r_j + ε)
+
+Every token of completion i shares the advantage Â_i.  Rewards arrive as one flat vector of
+N = prompts × G values in which consecutive blocks of G form one group (TRL's layout).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+SCALES = ("group", "batch", "none")
+
+
+def _validate(rewards: torch.Tensor, group_size: int, scale: str, eps: float) -> None:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError("rewards must be a 1-D tensor [N]")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be floating point, got {rewards.dtype}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards must be finite (found nan or inf)")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"group_size={group_size} must divide the number of rewards N={rewards.numel()}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantages Â_i = (r_i − mean_j r_j) / (std_j r_j + ε).
+
+    The mean is always the mean of i's own group (j runs over the G = ``group_size`` completions
+    of the same prompt).  ``scale`` picks the denominator:
+
+    - ``"group"`` (DeepSeekMath GRPO): std_j over the group, Bessel-corrected (÷ (G − 1)).
+    - ``"batch"``: the Bessel-corrected std over all N rewards (more robust for small G).
+    - ``"none"`` (Dr. GRPO): no division, Â_i = r_i − mean_j r_j; avoids up-weighting questions
+      that are almost always (or almost never) solved.
+
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0 in every
+    mode (so is everything when ``group_size`` is 1).
+
+    Args:
+        rewards: [N] finite floats, consecutive blocks of ``group_size`` forming one group.
+        group_size: G, a positive int dividing N.
+        scale: "group", "batch" or "none".
+        eps: ε ≥ 0 added to the std (typical 1e-4, as TRL); ignored for "none".
+    Returns:
+        [N] advantages, same dtype as ``rewards``.
+    """
+    _validate(rewards, group_size, scale, eps)
+    grouped = rewards.view(-1, group_size)  # (prompts, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (prompts, G)
+    flat = grouped[:, :1] == grouped  # (prompts, G)
+    flat_group = flat.all(dim=1, keepdim=True)  # (prompts, 1): all rewards equal
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.ones_like(centred[:, :1])
+        advantages = centred / torch.where(flat_group, 1.0, std + eps)
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.ones((), dtype=rewards.dtype)
+        advantages = centred / (torch.where(flat_group.all(), 1.0, std) + eps)
+    else:
+        advantages = centred
+    return torch.where(flat_group, 0.0, advantages).view(-1)  # (N,)

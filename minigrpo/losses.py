@@ -1,0 +1,316 @@
+"""The GRPO loss, term by term.
+
+    L_GRPO(θ) = L_PG(θ) + β · L_KL(θ, θ_ref) − α · H(π_θ)
+
+Each term is one small function whose docstring quotes its formula; ``grpo_loss`` composes them.
+Tensors are [N, T]: N completions (prompts × G, consecutive blocks of G are one group), T
+completion positions; ``mask`` is 1 on completion tokens and 0 on padding.
+
+Padding is removed at the door: ``grpo_loss`` replaces every padded position of its per-token
+inputs by 0 before computing anything, so whatever sits there (garbage, ±inf, nan) never reaches
+the loss or a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+RATIO_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_mask(mask: torch.Tensor, shape: torch.Size, name: str = "mask") -> torch.Tensor:
+    """Return ``mask`` as a bool tensor; it must have ``shape`` and only 0/1 values."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of 0/1 values")
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"{name} must contain only 0 and 1 (bool, integer or float tensor)")
+    return mask != 0
+
+
+def _check_tensor(x: torch.Tensor, name: str, shape: torch.Size | None = None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor")
+    if shape is not None and x.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+
+
+def _check_2d(x: torch.Tensor, name: str) -> None:
+    _check_tensor(x, name)
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [N, T] with N >= 1, got {tuple(x.shape)}")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_coef(value: float, name: str, upper: float = math.inf) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not 0 <= value < upper:
+        raise ValueError(f"{name} must be a finite float in [0, {upper}), got {value!r}")
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bfloat16/float16 → float32; float32 and float64 unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+# --------------------------------------------------------------------------- the terms
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from tokens sampled from π_θ (Schulman, 2020).
+
+    With d = log π_ref(o_t) − log π_θ(o_t):
+
+        k1 = −d                  unbiased, high variance, can be negative
+        k2 = d² / 2              biased, low variance, ≥ 0
+        k3 = exp(d) − d − 1      unbiased, low variance, ≥ 0   (DeepSeekMath GRPO)
+
+    ``ref_logprobs`` is the frozen reference: it is detached.  Same shape in, same shape out.
+    No clamping: ``|d| > 88`` overflows exp in float32, as the formula does.
+    """
+    _check_tensor(logprobs, "logprobs")
+    _check_tensor(ref_logprobs, "ref_logprobs", logprobs.shape)
+    _check_choice(estimator, KL_ESTIMATORS, "estimator")
+    d = ref_logprobs.detach() - logprobs
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return d.square() / 2
+    return torch.expm1(d) - d  # exp(d) − 1 − d, accurate for small d
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None
+) -> torch.Tensor:
+    """Reduce a per-token term x_{i,t} [N, T] to a scalar, counting only tokens with m_{i,t} = 1.
+
+        "grpo"    (DeepSeekMath):  1/N Σ_i [ Σ_t m·x / max(Σ_t m, 1) ]   every sequence weighs the same
+        "dapo"    (DAPO):          Σ_i Σ_t m·x / max(Σ_i Σ_t m, 1)      every token weighs the same
+        "dr_grpo" (Dr. GRPO):      Σ_i Σ_t m·x / (N · max_len)          a constant normaliser
+
+    "grpo" gives a token of a short completion more weight than one of a long completion (the
+    length bias Dr. GRPO points out).  ``max_len`` (default T) is the generation budget; it must
+    be an int ≥ T and only "dr_grpo" uses it.  An all-padding row counts as a zero term.
+    """
+    _check_2d(per_token, "per_token")
+    m = check_mask(mask, per_token.shape)
+    _check_choice(loss_type, LOSS_TYPES, "loss_type")
+    n, t = per_token.shape
+    if max_len is None:
+        max_len = t
+    elif isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < max(t, 1):
+        raise ValueError(f"max_len must be an int >= T = {t} (the padded length), got {max_len!r}")
+    x = torch.where(m, per_token, 0.0)  # (N, T); never x·m, inf·0 = nan
+    if loss_type == "grpo":
+        lengths = m.sum(dim=1).clamp(min=1)  # (N,)
+        return (x.sum(dim=1) / lengths).mean()
+    if loss_type == "dapo":
+        return x.sum() / m.sum().clamp(min=1)
+    return x.sum() / (n * max_len)
+
+
+def importance_ratio(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """The importance ratio ρ between the current and the sampling (old) policy, [N, T].
+
+        "token":    ρ_{i,t} = π_θ(o_{i,t}) / π_θold(o_{i,t}) = exp(log π_θ − log π_θold)
+        "sequence": ρ_i = exp( Σ_t m·(log π_θ − log π_θold) / max(Σ_t m, 1) ), same for all t (GSPO)
+
+    ``old_logprobs`` is a constant (detached).  ``mask`` is a bool [N, T]; padded positions must
+    already hold finite values (``grpo_loss`` zeroes them).
+    """
+    log_ratio = logprobs - old_logprobs.detach()  # (N, T)
+    if level == "token":
+        return log_ratio.exp()
+    mean_log_ratio = torch.where(mask, log_ratio, 0.0).sum(1) / mask.sum(1).clamp(min=1)  # (N,)
+    return mean_log_ratio.exp()[:, None].expand_as(log_ratio)  # (N, T)
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+) -> torch.Tensor:
+    """The PPO clipped policy-gradient loss per token, [N, T]:
+
+        pg_{i,t} = −min( ρ_{i,t} Â_i,  clip(ρ_{i,t}, 1 − ε_low, 1 + ε_high) Â_i )
+
+    ``advantages`` [N] are broadcast over t.  Once ρ has moved past 1 + ε_high with Â > 0 (or
+    below 1 − ε_low with Â < 0) the clipped branch wins and the token's gradient is exactly 0.
+    """
+    adv = advantages[:, None]  # (N, 1)
+    unclipped = ratio * adv  # (N, T)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv  # (N, T)
+    return -torch.minimum(unclipped, clipped)
+
+
+# --------------------------------------------------------------------------- the whole loss
+
+
+@dataclass
+class LossOutput:
+    """What ``grpo_loss`` returns."""
+
+    loss: torch.Tensor
+    """the scalar to backward, policy_loss + β·kl − α·entropy"""
+    policy_loss: torch.Tensor
+    """aggregated clipped surrogate L_PG (detached)"""
+    kl: torch.Tensor | None
+    """aggregated KL estimate (detached); None without ref_logprobs"""
+    entropy: torch.Tensor | None
+    """aggregated entropy H (detached); None without entropy"""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """floats to log (clip fractions, ratio statistics, kl/entropy token means, advantage stats)"""
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of x over the tokens where mask is True (0.0 when there are none)."""
+    return (torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)).item()
+
+
+def loss_metrics(
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float
+) -> dict[str, float]:
+    """Token statistics a practitioner watches, as in TRL (means over completion tokens).
+
+    clip_frac_low:  fraction with ρ < 1 − ε_low and Â < 0 (clipped from below)
+    clip_frac_high: fraction with ρ > 1 + ε_high and Â > 0 (clipped from above)
+    clip_frac:      either; ratio_mean / ratio_min / ratio_max over the same tokens (1.0 if none);
+    advantages_abs_mean and zero_advantage_frac over the N completions.
+    """
+    ratio, adv = ratio.detach(), advantages.detach()[:, None]  # (N, T), (N, 1)
+    low = (ratio < 1 - eps_low) & (adv < 0)
+    high = (ratio > 1 + eps_high) & (adv > 0)
+    valid = ratio[mask]
+    return {
+        "clip_frac_low": _masked_mean(low.to(ratio.dtype), mask),
+        "clip_frac_high": _masked_mean(high.to(ratio.dtype), mask),
+        "clip_frac": _masked_mean((low | high).to(ratio.dtype), mask),
+        "ratio_mean": valid.mean().item() if valid.numel() else 1.0,  # 1.0: no tokens, no update
+        "ratio_min": valid.min().item() if valid.numel() else 1.0,
+        "ratio_max": valid.max().item() if valid.numel() else 1.0,
+        "advantages_abs_mean": adv.abs().mean().item(),
+        "zero_advantage_frac": (adv == 0).to(ratio.dtype).mean().item(),
+        "completion_tokens_mean": mask.sum(1).to(ratio.dtype).mean().item(),
+    }
+
+
+def _check_grpo_inputs(logprobs, old_logprobs, advantages, ref_logprobs, entropy, beta, alpha,
+                       eps_low, eps_high, loss_type, ratio_level, kl_estimator) -> None:  # fmt: skip
+    _check_2d(logprobs, "logprobs")
+    _check_tensor(old_logprobs, "old_logprobs", logprobs.shape)
+    _check_tensor(advantages, "advantages", logprobs.shape[:1])
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages must be finite")
+    if ref_logprobs is not None:
+        _check_tensor(ref_logprobs, "ref_logprobs", logprobs.shape)
+    if entropy is not None:
+        _check_tensor(entropy, "entropy", logprobs.shape)
+    _check_coef(beta, "beta")
+    _check_coef(alpha, "alpha")
+    _check_coef(eps_low, "eps_low", upper=1.0)
+    if eps_high is not None:
+        _check_coef(eps_high, "eps_high")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (the reference model's log-probs)")
+    if alpha > 0 and entropy is None:
+        raise ValueError("alpha > 0 needs entropy (per-token entropies of π_θ)")
+    _check_choice(loss_type, LOSS_TYPES, "loss_type")
+    _check_choice(ratio_level, RATIO_LEVELS, "ratio_level")
+    _check_choice(kl_estimator, KL_ESTIMATORS, "kl_estimator")
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    beta: float = 0.0,
+    alpha: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    loss_type: str = "grpo",
+    ratio_level: str = "token",
+    kl_estimator: str = "k3",
+    max_len: int | None = None,
+) -> LossOutput:
+    """The GRPO objective on one batch of completions.
+
+        loss = agg(pg) + β · agg(kl) − α · agg(H)
+        pg_{i,t} = −min(ρ Â_i, clip(ρ, 1 − ε_low, 1 + ε_high) Â_i)      (``clipped_surrogate``)
+
+    Args:
+        logprobs: [N, T] log π_θ(o_{i,t} | q, o_{i,<t}), differentiable.
+        old_logprobs: [N, T] log π_θold of the same tokens (the sampling policy), a constant.
+        advantages: [N] Â_i (``group_advantages``), shared by every token of completion i.
+        mask: [N, T] 1 on completion tokens, 0 on padding (bool, int or float 0/1).
+        ref_logprobs: [N, T] log π_ref (frozen reference), needed when beta > 0.
+        entropy: [N, T] H(π_θ(· | q, o_{i,<t})), differentiable, needed when alpha > 0.
+        beta: β ≥ 0, KL weight (DeepSeekMath 0.04; 0 in DAPO/Dr. GRPO).
+        alpha: α ≥ 0, entropy bonus weight (typically 0 to 1e-3).
+        eps_low: ε_low in [0, 1), lower clip range (PPO/GRPO 0.2).
+        eps_high: ε_high ≥ 0, upper clip range (DAPO "clip-higher" 0.28); None means eps_low.
+        loss_type: "grpo", "dapo" or "dr_grpo" (see ``aggregate``).
+        ratio_level: "token" (GRPO) or "sequence" (GSPO) (see ``importance_ratio``).
+        kl_estimator: "k1", "k2" or "k3" (see ``kl_penalty``).
+        max_len: generation budget for "dr_grpo" (default T).
+    Returns:
+        ``LossOutput``; the KL (entropy) term is reported whenever ref_logprobs (entropy) is
+        given and enters the loss only when beta (alpha) > 0.
+    """
+    _check_grpo_inputs(logprobs, old_logprobs, advantages, ref_logprobs, entropy, beta, alpha,
+                       eps_low, eps_high, loss_type, ratio_level, kl_estimator)  # fmt: skip
+    m = check_mask(mask, logprobs.shape)  # (N, T) bool
+    eps_high = eps_low if eps_high is None else eps_high
+
+    def clean(x):  # padded positions → 0 before anything else
+        return None if x is None else torch.where(m, _upcast(x), 0.0)
+
+    logprobs, old_logprobs, ref_logprobs, entropy = map(clean, (logprobs, old_logprobs, ref_logprobs, entropy))
+    advantages = _upcast(advantages).detach().to(logprobs.dtype)
+
+    def agg(x):
+        return aggregate(x, m, loss_type, max_len)
+
+    ratio = importance_ratio(logprobs, old_logprobs, m, ratio_level)  # (N, T)
+    policy_loss = agg(clipped_surrogate(ratio, advantages, eps_low, eps_high))
+    loss = policy_loss
+    metrics = loss_metrics(ratio, advantages, m, eps_low, eps_high)
+    kl = None
+    if ref_logprobs is not None:
+        per_token_kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)  # (N, T)
+        kl = agg(per_token_kl)
+        metrics["kl"] = _masked_mean(per_token_kl.detach(), m)
+        if beta > 0:
+            loss = loss + beta * kl
+    if entropy is not None:
+        entropy_term = agg(entropy)
+        metrics["entropy"] = _masked_mean(entropy.detach(), m)
+        if alpha > 0:
+            loss = loss - alpha * entropy_term
+        entropy = entropy_term.detach()
+    return LossOutput(
+        loss=loss,
+        policy_loss=policy_loss.detach(),
+        kl=None if kl is None else kl.detach(),
+        entropy=entropy,
+        metrics=metrics,
+    )
