@@ -1,0 +1,293 @@
+"""minigrpo's loss against TRL's: the same inputs give the same loss and the same gradients.
+
+TRL 1.16.0's ``GRPOTrainer`` is built for real (a tiny Qwen2 model and a character tokenizer,
+saved to a folder and loaded from there, no hub).  One fixed batch (prompts, completions of
+different lengths, advantages from ``minigrpo.group_advantages``, old log-probs pushed away from
+the current ones so that clipping bites, reference log-probs for the KL term) goes through
+
+    TRL:      trainer.compute_loss(model, inputs)   (its ``_compute_loss``, fused LM head)
+    minigrpo: model logits / τ -> token_logprobs -> grpo_loss
+
+and both losses, the gradients of every model parameter, and the logged KL and clip fractions
+must agree, for every TRL loss type minigrpo shares, β = 0 and β > 0, token and sequence (GSPO)
+ratios, and ε_high = ε_low or ε_high > ε_low.  Run: ``pytest tests/test_trl_equivalence.py``.
+
+How TRL 1.16 aggregates (``GRPOTrainer._compute_loss``; B sequences, mask m, per-token loss x
+that already includes β·k3 KL; one process, no gradient accumulation):
+
+    TRL "grpo":    mean_i (Σ_t m·x / max(Σ_t m, 1))             -> minigrpo "grpo"
+    TRL "bnpo":    Σ m·x / max(Σ m, 1) over the micro-batch      -> minigrpo "dapo"
+    TRL "dapo":    Σ m·x / (num_items_in_batch / processes
+                            · grad_accum / steps_per_generation) -> minigrpo "dapo"
+                   (num_items_in_batch = Σ m over the whole generation batch; with one process
+                   and one micro-batch per generation it is Σ m of this batch: a token mean)
+    TRL "dr_grpo": Σ m·x / (B · max_completion_length)          -> minigrpo "dr_grpo",
+                                                                    max_len=max_completion_length
+
+TRL adds β·KL to the per-token loss before aggregating; minigrpo aggregates the two terms
+separately.  Aggregation is linear, so the sums agree.  TRL's default
+``use_bias_correction_kl=True`` multiplies the KL by the importance ratio (DeepSeek-V3.2);
+minigrpo's KL is the DeepSeekMath k3 term, so the test sets it to False.  TRL divides the logits
+by its ``temperature`` before the log-softmax; minigrpo receives logits / τ.  TRL has no entropy
+bonus in minigrpo's form (its ``entropy_coef`` is a token mean for every loss type), so α stays 0.
+TRL's fused LM head accumulates in float32 whatever the model dtype, so the test runs in float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+
+import datasets  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+import minigrpo as mg  # noqa: E402
+
+SYMBOLS = ["<pad>", "<eos>", "<unk>", *"0123456789+="]
+GROUP_SIZE = 3  # G completions per prompt
+PROMPTS = 2
+N = PROMPTS * GROUP_SIZE  # sequences in the batch
+PROMPT_LEN = 4
+COMPLETION_LEN = 6  # T, the padded completion width
+MAX_COMPLETION_LENGTH = 8  # TRL's Dr. GRPO constant; ≠ T on purpose
+LENGTHS = [6, 4, 1, 5, 3, 6]  # row 2 keeps only its first token
+REWARDS = [1.0, 0.0, 0.5, 0.2, 0.9, 0.0]
+TEMPERATURE = 0.7
+EPS_LOW = 0.2
+
+# TRL loss_type -> minigrpo loss_type (see the module docstring for what each divides by)
+LOSS_TYPES = {"grpo": "grpo", "bnpo": "dapo", "dapo": "dapo", "dr_grpo": "dr_grpo"}
+CONFIGS = [
+    dict(loss_type=loss_type, beta=beta, level=level, eps_high=eps_high)
+    for loss_type, beta, level, eps_high in itertools.product(
+        LOSS_TYPES, [0.0, 0.04], ["token", "sequence"], [None, 0.28]
+    )
+]
+
+
+def _config_id(config: dict) -> str:
+    eps = "sym" if config["eps_high"] is None else f"eh{config['eps_high']}"
+    return f"{config['loss_type']}-beta{config['beta']}-{config['level']}-{eps}"
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level WordLevel tokenizer, built offline."""
+    vocab = {symbol: i for i, symbol in enumerate(SYMBOLS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny Qwen2 (2 layers, d=32, tied embeddings) and its tokenizer, saved to a folder.
+
+    TRL rebuilds the reference model from ``config._name_or_path`` when β > 0, so the policy
+    must come from a folder, not from memory.
+    """
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(SYMBOLS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    path = str(tmp_path_factory.mktemp("tiny_qwen2"))
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+def _trainer(model_dir: str, config: dict, output_dir: str) -> GRPOTrainer:
+    args = GRPOConfig(
+        output_dir=output_dir,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=N,
+        num_generations=GROUP_SIZE,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        temperature=TEMPERATURE,
+        loss_type=config["loss_type"],
+        beta=config["beta"],
+        use_bias_correction_kl=False,
+        epsilon=EPS_LOW,
+        epsilon_high=config["eps_high"],
+        importance_sampling_level=config["level"],
+    )
+    trainer = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": ["1+2=", "3+4="]}),
+        processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
+    )
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    trainer.model.train()
+    return trainer
+
+
+def _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """minigrpo's side: log π(o_t | q, o_<t) under the sampling law softmax(logits / τ), [N, T].
+
+    The trainer has patched ``model.forward`` with its fused LM head; without
+    ``fused_lm_head=True`` the call runs the model's own forward and returns logits."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, P + T, V)
+    logits = logits[:, PROMPT_LEN - 1 : -1] / TEMPERATURE  # (N, T): position t predicts o_t
+    return mg.token_logprobs(logits, completion_ids)
+
+
+def _batch(model) -> dict:
+    """TRL's ``inputs`` dict: left-padded prompts, right-padded completions, off-policy old
+    log-probs (per-row shift plus per-token noise, so ratios leave [1 − ε, 1 + ε] at token and
+    sequence level), reference log-probs for the KL term."""
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(3, len(SYMBOLS), (N, PROMPT_LEN), generator=g)
+    prompt_mask = torch.ones(N, PROMPT_LEN, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # a shorter, left-padded prompt
+    prompt_ids[prompt_mask == 0] = 0
+    completion_mask = (torch.arange(COMPLETION_LEN) < torch.tensor(LENGTHS)[:, None]).long()
+    completion_ids = torch.randint(3, len(SYMBOLS), (N, COMPLETION_LEN), generator=g)
+    completion_ids[completion_mask == 0] = 0
+    with torch.no_grad():
+        logprobs = _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    # sequence-level ratio exp(mean_t(logprobs − old)) = exp(shift): above 1 + ε where Â > 0 and
+    # below 1 − ε where Â < 0 (clipped), except row 3 (inside) and row 4, whose tokens all have
+    # ratio 1.246: clipped by ε_high = 0.2, not by ε_high = 0.28.  Other token ratios scatter.
+    shift = torch.tensor([0.5, -0.5, 0.3, -0.15, 0.22, -0.35])[:, None]  # (N, 1)
+    noise = 0.3 * torch.randn(N, COMPLETION_LEN, generator=g) * completion_mask
+    noise = noise - noise.sum(-1, keepdim=True) / completion_mask.sum(-1, keepdim=True)
+    noise[4] = 0.0
+    old = (logprobs - shift + noise) * completion_mask  # TRL's log-probs are 0 on padding
+    ref = (logprobs + 0.5 * torch.randn(N, COMPLETION_LEN, generator=g)) * completion_mask
+    rewards = torch.tensor(REWARDS)
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": mg.group_advantages(rewards, GROUP_SIZE),
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": completion_mask.sum().float(),
+    }
+
+
+def _gradients(model) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _trl_side(trainer: GRPOTrainer, inputs: dict):
+    """TRL's loss (``compute_loss`` -> ``_compute_loss``), its gradients and its logged metrics."""
+    model = trainer.model
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return loss.detach(), _gradients(model), metrics
+
+
+def _minigrpo_side(model, inputs: dict, config: dict):
+    """minigrpo's ``grpo_loss`` on the same model and batch, with TRL's settings mapped over."""
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+    logprobs = _completion_logprobs(model, *(inputs[key] for key in keys))
+    out = mg.grpo_loss(
+        logprobs,
+        inputs["old_per_token_logps"],
+        inputs["advantages"],
+        inputs["completion_mask"].float(),
+        ref_logprobs=inputs["ref_per_token_logps"] if config["beta"] > 0 else None,
+        beta=config["beta"],
+        eps_low=EPS_LOW,
+        eps_high=config["eps_high"],
+        loss_type=LOSS_TYPES[config["loss_type"]],
+        ratio_level=config["level"],
+        max_len=MAX_COMPLETION_LENGTH if config["loss_type"] == "dr_grpo" else None,
+    )
+    out.loss.backward()
+    return out, _gradients(model)
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=_config_id)
+def both(request, model_dir, tmp_path_factory) -> dict:
+    """One TRL configuration: TRL's and minigrpo's losses, gradients and metrics on one batch."""
+    config = request.param
+    trainer = _trainer(model_dir, config, str(tmp_path_factory.mktemp("out")))
+    inputs = _batch(trainer.model)
+    trainer.model.zero_grad(set_to_none=True)
+    trl_loss, trl_grads, trl_metrics = _trl_side(trainer, inputs)
+    mg_out, mg_grads = _minigrpo_side(trainer.model, inputs, config)
+    return {
+        "config": config,
+        "trl_loss": trl_loss,
+        "trl_grads": trl_grads,
+        "trl_metrics": trl_metrics,
+        "mg_out": mg_out,
+        "mg_grads": mg_grads,
+    }
+
+
+def test_clipping_is_active(both):
+    """The batch is off-policy enough that TRL clips tokens on both sides, but not all of them:
+    the comparison covers the clipped and the unclipped branch."""
+    assert both["trl_metrics"]["clip_ratio/low_mean"] > 0
+    assert both["trl_metrics"]["clip_ratio/high_mean"] > 0
+    assert both["trl_metrics"]["clip_ratio/region_mean"] < 1
+
+
+def test_same_loss(both):
+    torch.testing.assert_close(both["mg_out"].loss.detach(), both["trl_loss"], rtol=1e-5, atol=1e-7)
+
+
+def test_same_gradients(both):
+    trl_grads, mg_grads = both["trl_grads"], both["mg_grads"]
+    assert trl_grads.keys() == mg_grads.keys()
+    assert any(g.abs().max() > 0 for g in trl_grads.values())
+    for name, trl_grad in trl_grads.items():
+        torch.testing.assert_close(
+            mg_grads[name], trl_grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+CLIP_METRICS = {  # TRL's logged name -> minigrpo's
+    "clip_ratio/low_mean": "clip_frac_low",
+    "clip_ratio/high_mean": "clip_frac_high",
+    "clip_ratio/region_mean": "clip_frac",
+}
+
+
+def test_same_metrics(both):
+    """TRL's logged KL and clip fractions are minigrpo's token means.  At sequence level TRL
+    counts clipped sequences, minigrpo clipped tokens, so clip fractions are compared at token
+    level only."""
+    trl_metrics, mg_metrics = both["trl_metrics"], both["mg_out"].metrics
+    pairs = {"kl": "kl"} if both["config"]["beta"] > 0 else {}
+    if both["config"]["level"] == "token":
+        pairs.update(CLIP_METRICS)
+    for trl_key, mg_key in pairs.items():
+        assert mg_metrics[mg_key] == pytest.approx(trl_metrics[trl_key], rel=1e-5, abs=1e-7), trl_key
