@@ -1,0 +1,150 @@
+"""The tasks: arithmetic for the tiny world, GSM8K for a real instruct model.
+
+Every task yields examples as dicts ``{"prompt": str, "answer": str}``; the trainer samples
+prompts from them and scores completions against ``answer``.
+
+Arithmetic: ``"23+45="`` → ``"68"``, operands drawn from ``0 … 10**digits − 1``.  An unordered
+pair {a, b} is held out when a fixed hash of it says so (about one pair in ten), so the
+held-out problems never appear among the training prompts, in either order, for any seed.
+
+The warm-up (supervised) data stands in for pre-training.  A *sloppy teacher* writes the
+labels: on a carry problem it forgets the carries with probability ``sloppiness`` and writes
+the digit-wise sum mod 10 (58+67 → "15").  A model trained on it is right on easy problems
+and mostly wrong on carry problems; the reward in GRPO then teaches what the demonstrations
+rarely showed.
+
+GSM8K: loaded the way users do, ``datasets.load_dataset("openai/gsm8k", "main")``, or from a
+local JSONL file in the same format (``question``, ``answer`` ending in ``#### n``).
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import datasets
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def is_held_out(a: int, b: int) -> bool:
+    """True when the unordered pair {a, b} belongs to the held-out split (~10% of pairs).
+
+    A CRC-32 of the sorted pair: deterministic, symmetric in (a, b), unrelated to carries.
+    """
+    lo, hi = min(a, b), max(a, b)
+    return zlib.crc32(f"{lo}+{hi}".encode()) % 10 == 0
+
+
+def has_carry(a: int, b: int) -> bool:
+    """True when column addition of a + b carries at least once."""
+    while a or b:
+        if a % 10 + b % 10 >= 10:
+            return True
+        a, b = a // 10, b // 10
+    return False
+
+
+def sum_without_carries(a: int, b: int) -> int:
+    """The sloppy teacher's answer: each column's digit sum mod 10, carries dropped (58+67 → 15)."""
+    result, place = 0, 1
+    while a or b:
+        result += (a % 10 + b % 10) % 10 * place
+        a, b, place = a // 10, b // 10, place * 10
+    return result
+
+
+def arithmetic_prompt(a: int, b: int) -> str:
+    """The prompt the model sees, e.g. ``"23+45="``."""
+    return f"{a}+{b}="
+
+
+def arithmetic_pairs(digits: int = 2, held_out: bool = False) -> list[tuple[int, int]]:
+    """All ordered pairs (a, b) with a, b < 10**digits in the chosen split, in a fixed order."""
+    n = 10**digits
+    return [(a, b) for a in range(n) for b in range(n) if is_held_out(a, b) == held_out]
+
+
+def arithmetic_examples(
+    digits: int = 2, held_out: bool = False, size: int | None = None, seed: int = 1234
+) -> list[dict[str, str]]:
+    """Examples ``{"prompt": "a+b=", "answer": str(a+b)}`` from one split.
+
+    ``size`` picks that many pairs in a shuffled order fixed by ``seed`` (None: all of them);
+    the default seed is not the training seed, so every run evaluates the same held-out set.
+    """
+    pairs = arithmetic_pairs(digits, held_out)
+    if size is not None:
+        if size > len(pairs):
+            raise ValueError(f"size={size} exceeds the {len(pairs)} pairs of the split")
+        pairs = random.Random(seed).sample(pairs, size)
+    return [{"prompt": arithmetic_prompt(a, b), "answer": str(a + b)} for a, b in pairs]
+
+
+def sloppy_label(a: int, b: int, rng: random.Random, sloppiness: float) -> str:
+    """The teacher's label for a + b: on a carry problem, with probability ``sloppiness``,
+    the sum without carries; otherwise the true sum."""
+    if has_carry(a, b) and rng.random() < sloppiness:
+        return str(sum_without_carries(a, b))
+    return str(a + b)
+
+
+def warmup_examples(
+    num_examples: int, digits: int = 2, sloppiness: float = 0.0, seed: int = 0
+) -> list[dict[str, str]]:
+    """Supervised warm-up data ``{"prompt", "completion"}`` from the training split only.
+
+    ``sloppiness`` = 0 gives a clean teacher; e.g. 0.6 forgets the carries on 60% of the
+    carry problems.
+    """
+    if not 0.0 <= sloppiness <= 1.0:
+        raise ValueError(f"sloppiness must lie in [0, 1], got {sloppiness}")
+    rng = random.Random(seed)
+    pairs = arithmetic_pairs(digits, held_out=False)
+    examples = []
+    for _ in range(num_examples):
+        a, b = rng.choice(pairs)
+        examples.append({"prompt": arithmetic_prompt(a, b), "completion": sloppy_label(a, b, rng, sloppiness)})
+    return examples
+
+
+# ---------------------------------------------------------------- GSM8K
+
+GSM8K_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def load_gsm8k(split: str = "train", path: str | None = None) -> datasets.Dataset:
+    """GSM8K as a ``datasets.Dataset`` with columns ``question`` and ``answer``.
+
+    ``path=None`` loads ``openai/gsm8k`` (config ``main``) from the hub or its cache; a path
+    loads a local JSONL file in the same format (then ``split`` is ignored).
+    """
+    if path is None:
+        return datasets.load_dataset("openai/gsm8k", "main", split=split)
+    return datasets.load_dataset("json", data_files=str(path), split="train")
+
+
+def gsm8k_gold(answer: str) -> str:
+    """The gold final answer: the text after ``####``, thousands separators removed.
+
+    >>> gsm8k_gold("3 + 4 = <<3+4=7>>7 apples\\n#### 1,007")
+    '1007'
+    """
+    if "####" not in answer:
+        raise ValueError("answer has no '####' line; is it a GSM8K solution?")
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+def gsm8k_prompt(tokenizer, question: str) -> str:
+    """The chat prompt: the question plus the instruction to box the final answer,
+    rendered with the tokenizer's chat template and the assistant turn opened."""
+    messages = [{"role": "user", "content": f"{question.strip()}\n{GSM8K_INSTRUCTION}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def gsm8k_examples(dataset: datasets.Dataset, tokenizer) -> list[dict[str, str]]:
+    """Examples ``{"prompt", "answer"}``: chat prompts and gold answers from a GSM8K dataset."""
+    return [
+        {"prompt": gsm8k_prompt(tokenizer, row["question"]), "answer": gsm8k_gold(row["answer"])}
+        for row in dataset
+    ]

@@ -1,0 +1,105 @@
+"""The arithmetic task, the sloppy teacher and GSM8K loading (offline, on a fixture)."""
+
+from pathlib import Path
+
+import pytest
+
+from minigrpo.data import (
+    arithmetic_examples,
+    arithmetic_pairs,
+    gsm8k_examples,
+    gsm8k_gold,
+    gsm8k_prompt,
+    has_carry,
+    is_held_out,
+    load_gsm8k,
+    sum_without_carries,
+    warmup_examples,
+)
+from minigrpo.tiny import build_tokenizer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
+
+
+def unordered(examples):
+    return {frozenset(map(int, ex["prompt"].rstrip("=").split("+"))) for ex in examples}
+
+
+def test_held_out_never_overlaps_training():
+    train, held_out = arithmetic_pairs(2, held_out=False), arithmetic_pairs(2, held_out=True)
+    assert len(train) + len(held_out) == 100 * 100
+    assert 0.05 < len(held_out) / 10_000 < 0.15
+    assert not {frozenset(p) for p in train} & {frozenset(p) for p in held_out}  # in either order
+    assert all(is_held_out(b, a) == is_held_out(a, b) for a, b in held_out)
+
+
+def test_warmup_data_comes_from_training_split_only():
+    examples = warmup_examples(2000, digits=2, sloppiness=0.5, seed=0)
+    held_out = unordered(arithmetic_examples(2, held_out=True))
+    assert not unordered(examples) & held_out
+
+
+def test_examples_are_deterministic_and_correct():
+    a = arithmetic_examples(2, held_out=True, size=50)
+    assert a == arithmetic_examples(2, held_out=True, size=50)
+    for ex in a:
+        x, y = map(int, ex["prompt"].rstrip("=").split("+"))
+        assert ex["answer"] == str(x + y)
+
+
+def test_carries_and_the_sloppy_sum():
+    assert has_carry(58, 67) and has_carry(5, 5) and not has_carry(23, 45)
+    assert sum_without_carries(58, 67) == 15
+    assert sum_without_carries(23, 45) == 68
+    assert sum_without_carries(95, 5) == 90
+
+
+def test_sloppy_teacher_drops_carries_on_about_the_right_share():
+    examples = warmup_examples(4000, digits=2, sloppiness=0.6, seed=1)
+    carry_wrong = carry_total = 0
+    for ex in examples:
+        x, y = map(int, ex["prompt"].rstrip("=").split("+"))
+        if has_carry(x, y):
+            carry_total += 1
+            if ex["completion"] != str(x + y):
+                assert ex["completion"] == str(sum_without_carries(x, y))
+                carry_wrong += 1
+        else:
+            assert ex["completion"] == str(x + y)  # no-carry problems are always right
+    assert 0.55 < carry_wrong / carry_total < 0.65
+    clean = warmup_examples(500, digits=2, sloppiness=0.0, seed=1)
+    assert all(ex["completion"] == str(eval(ex["prompt"][:-1])) for ex in clean)
+
+
+def test_sloppiness_is_checked():
+    with pytest.raises(ValueError, match="sloppiness"):
+        warmup_examples(10, sloppiness=1.5)
+
+
+def test_gsm8k_fixture_loads_like_the_hub_dataset():
+    dataset = load_gsm8k(path=FIXTURE)
+    assert len(dataset) == 12
+    assert set(dataset.column_names) == {"question", "answer"}
+    golds = [gsm8k_gold(a) for a in dataset["answer"]]
+    assert golds[:2] == ["19", "36"]
+    assert "1080" in golds  # "#### 1,080": separators removed
+
+
+def test_gsm8k_gold_needs_the_marker():
+    assert gsm8k_gold("so 3 + 4 = 7\n#### 7") == "7"
+    with pytest.raises(ValueError, match="####"):
+        gsm8k_gold("no final line")
+
+
+def test_gsm8k_chat_prompt_asks_for_a_boxed_answer():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    examples = gsm8k_examples(load_gsm8k(path=FIXTURE), tokenizer)
+    prompt = examples[0]["prompt"]
+    assert prompt.startswith("<|user|>A baker fills")
+    assert "\\boxed{}" in prompt and prompt.endswith("<|assistant|>")
+    assert examples[0]["answer"] == "19"
+    assert gsm8k_prompt(tokenizer, "What is 2+2?").count("<|user|>") == 1
