@@ -1,0 +1,283 @@
+"""minigrpo's GRPO trainer against TRL's ``GRPOTrainer``: wall time per step and held-out accuracy.
+
+    python benchmarks/trl_step_time.py [--steps N] [--out benchmarks/results/trl_step_time.json] \
+        [--warmup-cache runs/warmup]   # the warm-up (~70 s on an idle machine) is cached there
+    python benchmarks/trl_step_time.py --quick --out /tmp/quick.json   # seconds: a sanity run
+
+Both trainers start from the same warmed-up tiny model (minigrpo's ``warmup_model``, written
+with ``save_pretrained`` to one folder that both load from), train on the same arithmetic
+prompts with the same hyperparameters, taken from minigrpo's ``GRPOConfig`` defaults (so the
+benchmark follows them) and mapped onto TRL's ``GRPOConfig`` field by field (``trl_args``), on
+the CPU with 2 torch threads, then both final models are scored by the same function,
+minigrpo's greedy held-out evaluation (``GRPOTrainer.evaluate``).
+
+A step is one rollout and its updates.  Its wall time is the interval between the ends of
+consecutive steps (the first from the start of training), so it includes everything a trainer
+does per step (sampling, scoring, rewards, loss, backward, optimiser, bookkeeping); medians and
+means leave out the first ``--skip`` steps.  The setups differ where the two libraries differ;
+``differences`` in the JSON lists each difference.  Times depend on the machine and on its load,
+so the JSON records ``os.getloadavg()`` around each phase.  The goal: minigrpo at ≤ 0.5× TRL's
+median time per step, with held-out accuracy no worse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # TRL rebuilds the reference model from a folder
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import trl  # noqa: E402
+
+from minigrpo.__main__ import TINY_GRPO, TINY_WARMUP  # noqa: E402
+from minigrpo.data import arithmetic_examples  # noqa: E402
+from minigrpo.tiny import load_tiny, save_tiny  # noqa: E402
+from minigrpo.trainer import (  # noqa: E402
+    REWARD_FUNCS, GRPOConfig, GRPOTrainer, WarmupConfig, params_sha256, warmup_model,
+)
+
+THREADS = 2
+QUICK_STEPS = 3
+# minigrpo's Â denominator / token aggregation -> TRL's scale_rewards / loss_type
+SCALE_REWARDS = {"group": "group", "batch": "batch", "none": "none"}
+LOSS_TYPES = {"grpo": "grpo", "dapo": "bnpo", "dr_grpo": "dr_grpo"}  # TRL "bnpo": token mean of the batch
+
+
+def benchmark_configs(quick: bool, steps: int | None) -> tuple[WarmupConfig, GRPOConfig]:
+    """The CLI's headline configs (its ``--tiny`` ones with ``--quick``), ``steps`` overridden."""
+    warmup = WarmupConfig(**TINY_WARMUP) if quick else WarmupConfig()
+    grpo = dict(TINY_GRPO) if quick else {}
+    grpo["steps"] = steps if steps is not None else (QUICK_STEPS if quick else GRPOConfig().steps)
+    return warmup, GRPOConfig(**grpo)
+
+
+def updates_per_step(config: GRPOConfig) -> int:
+    """Optimiser steps per rollout: μ passes × mini-batches (TRL counts these as its steps)."""
+    return config.num_updates * config.num_minibatches
+
+
+def trl_args(config: GRPOConfig, output_dir: str) -> trl.GRPOConfig:
+    """TRL's config with minigrpo's hyperparameters; no logging, saving or evaluation."""
+    if config.alpha != 0 or config.kl_estimator != "k3" or config.shuffle_rewards:
+        raise ValueError("TRL has no counterpart for alpha != 0, kl_estimator != 'k3' or shuffle_rewards")
+    n = config.prompts_per_step * config.group_size  # sequences per rollout
+    if n % config.num_minibatches:
+        raise ValueError(f"num_minibatches={config.num_minibatches} does not divide {n} sequences")
+    schedule = {"constant": "constant_with_warmup" if config.warmup_steps else "constant"}
+    return trl.GRPOConfig(
+        output_dir=output_dir, report_to="none", logging_strategy="no", save_strategy="no",
+        eval_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=False,  # TRL's default is True; minigrpo's tiny runs have none
+        optim="adamw_torch",  # torch.optim.AdamW, as minigrpo (TRL's default is the fused one)
+        seed=config.seed, max_steps=config.steps * updates_per_step(config),
+        num_generations=config.group_size, generation_batch_size=n,
+        per_device_train_batch_size=n // config.num_minibatches, gradient_accumulation_steps=1,
+        num_iterations=config.num_updates, max_completion_length=config.max_new_tokens,
+        temperature=config.temperature, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
+        beta=config.beta, use_bias_correction_kl=False, epsilon=config.eps_low,
+        epsilon_high=config.eps_high if config.eps_high is not None else config.eps_low,
+        loss_type=LOSS_TYPES[config.loss_type], importance_sampling_level=config.ratio_level,
+        scale_rewards=SCALE_REWARDS[config.advantage_scale], reward_weights=list(config.reward_weights),
+        learning_rate=config.lr, lr_scheduler_type=schedule.get(config.lr_schedule, config.lr_schedule),
+        warmup_steps=config.warmup_steps * updates_per_step(config), weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else 0.0,
+        log_completions=False,
+    )
+
+
+def trl_reward_func(name: str, seen: list[str]):
+    """minigrpo's reward ``name`` as a TRL reward function: TRL passes the decoded completions
+    (special tokens skipped) and the dataset's ``answer`` column.  ``seen`` collects the texts."""
+    reward = REWARD_FUNCS[name]
+
+    def reward_func(completions, answer, **kwargs):
+        seen.extend(completions)
+        return [reward(c, a) for c, a in zip(completions, answer)]
+
+    reward_func.__name__ = name
+    return reward_func
+
+
+def held_out_accuracy(model_dir: str, state_dict, eval_examples, config: GRPOConfig) -> float:
+    """minigrpo's own evaluation (greedy completions scored by ``config.accuracy_reward``) of the
+    parameters ``state_dict`` (None: the starting ones), put into a fresh copy of the starting
+    model so that both trainers' results go through the very same code; a ``GRPOTrainer`` is
+    built around it only to call ``evaluate``."""
+    model, tokenizer = load_tiny(model_dir)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    evaluator = GRPOTrainer(model, tokenizer, [], eval_examples, dataclasses.replace(config, beta=0.0))
+    return evaluator.evaluate()
+
+
+def run_minigrpo(model_dir: str, train_examples, eval_examples, config: GRPOConfig) -> dict:
+    """minigrpo's trainer, step by step (``train_step``), timed at the end of each step."""
+    model, tokenizer = load_tiny(model_dir)
+    trainer = GRPOTrainer(model, tokenizer, train_examples, eval_examples, config)
+    ends, start = [], time.perf_counter()
+    for _ in range(config.steps):
+        trainer.train_step()
+        ends.append(time.perf_counter())
+    completions = trainer.rollout(trainer.sample_prompts()[:1]).completions  # a sample, after timing
+    return {"model": model, "ends": ends, "start": start,
+            "threads": torch.get_num_threads(), "completions": completions}
+
+
+class StepEnds(transformers.TrainerCallback):
+    """Records when training starts and when each optimiser step ends."""
+
+    def __init__(self):
+        self.start, self.ends, self.threads = None, [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+        self.threads = torch.get_num_threads()
+
+
+def run_trl(model_dir: str, train_examples, config: GRPOConfig) -> dict:
+    """TRL's ``GRPOTrainer`` on the model in ``model_dir`` (its reference is rebuilt from there)."""
+    model, tokenizer = load_tiny(model_dir)
+    timer, seen = StepEnds(), []
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = trl.GRPOTrainer(
+            model=model, processing_class=tokenizer, args=trl_args(config, output_dir),
+            reward_funcs=[trl_reward_func(name, seen) for name in config.reward_funcs],
+            train_dataset=datasets.Dataset.from_list(train_examples), callbacks=[timer],
+        )
+        trainer.train()
+    k = updates_per_step(config)  # TRL's steps are optimiser steps: k of them per rollout
+    return {"model": trainer.model, "ends": timer.ends[k - 1 :: k],
+            "start": timer.start, "threads": timer.threads, "completions": seen[: config.group_size]}
+
+
+def step_times(run: dict, skip: int) -> dict:
+    """Per-step wall times from the step-end times; median and mean without the first ``skip``."""
+    ends = [run["start"], *run["ends"]]
+    seconds = [b - a for a, b in zip(ends, ends[1:])]
+    timed = seconds[skip:] or seconds
+    return {"median_s_per_step": statistics.median(timed), "mean_s_per_step": statistics.fmean(timed),
+            "steps_timed": len(timed), "train_seconds": ends[-1] - ends[0], "step_seconds": seconds}
+
+
+def differences(config: GRPOConfig) -> list[str]:
+    """What still differs between the two setups (beyond the code itself)."""
+    notes = [
+        "prompt order: minigrpo draws each step's prompts uniformly with replacement from the training "
+        "split (seeded); TRL's RepeatSampler walks a seeded shuffle of it without replacement; same pool, "
+        "different prompts per step, and different random numbers for sampling",
+        "sampling: minigrpo calls generate once on P prompts with num_return_sequences=G and explicit "
+        "position_ids; TRL repeats each prompt G times in the batch and lets generate derive positions "
+        "from the mask; both sample softmax(logits/τ) with top_k=0, top_p=1",
+        "log-prob forward: TRL passes no position_ids (left-padded rows are shifted by a constant, which "
+        "rotary embeddings ignore up to rounding) and uses its fused LM head with labels; minigrpo passes "
+        "cumsum(mask)-1 positions and logits_to_keep",
+        "reference model: minigrpo deep-copies the starting policy; TRL reloads it from the model "
+        "folder (config._name_or_path); the weights are the same",
+        "old log-probs: with μ = 1 and one mini-batch TRL skips them (ratio = exp(logp − logp.detach())); "
+        "minigrpo computes them in the rollout (and the entropy, for its metrics); both give ρ ≡ 1",
+        "loss: TRL adds β·k3 to the per-token loss before aggregating, minigrpo aggregates each term "
+        "separately (linear, so equal; tests/test_trl_equivalence.py checks values and gradients)",
+        "optimiser: both torch.optim.AdamW (TRL optim='adamw_torch', not its default fused variant); "
+        "TRL/HF exclude biases and norm weights from weight decay (weight_decay = "
+        f"{config.weight_decay}); both clip the gradient norm at {config.max_grad_norm}",
+        "TRL defaults overridden to match minigrpo: gradient_checkpointing=False (TRL default True), "
+        "bf16=False (TRL default True), loss_type and scale_rewards set explicitly, "
+        "use_bias_correction_kl=False, logging_strategy='no', report_to='none'",
+        "timing: minigrpo's loop is GRPOTrainer.train_step called in a loop (no progress bar, no "
+        "periodic evaluation); TRL's is Trainer.train with evaluation, logging and saving off; "
+        "TRL's train_seconds starts at on_train_begin (after dataloader/optimizer setup)",
+        "reward: TRL's completions are decoded with skip_special_tokens=True after masking past the first "
+        "EOS, minigrpo decodes the masked tokens with skip_special_tokens=True; the same exact-match "
+        "reward function scores both",
+    ]
+    if config.temperature != 1.0:
+        notes.append(f"temperature {config.temperature}: TRL scores log-probs of softmax(logits/τ), "
+                     "minigrpo of softmax(logits)")
+    if config.lr_schedule != "constant" or config.warmup_steps:
+        notes.append("learning-rate schedule: HF's warm-up starts at 0, minigrpo's at 1/warmup_steps")
+    return notes
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: GRPOConfig's)")
+    parser.add_argument("--out", default="benchmarks/results/trl_step_time.json")
+    parser.add_argument("--quick", action="store_true", help="tiny model and batches, a few steps")
+    parser.add_argument("--skip", type=int, default=None, help="first steps left out of medians/means (2; 1 quick)")
+    parser.add_argument("--warmup-cache", default=None, help="cache the warm-up model in this folder")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    skip = args.skip if args.skip is not None else (1 if args.quick else 2)
+    load_at_start, start = load(), time.perf_counter()
+    warmup, config = benchmark_configs(args.quick, args.steps)
+    base, tokenizer, warmup_info = warmup_model(warmup, args.warmup_cache, progress=False)
+    train_examples = arithmetic_examples(warmup.digits, held_out=False)
+    eval_examples = arithmetic_examples(warmup.digits, held_out=True, size=config.eval_size)
+    results, phases = {}, {}
+    with tempfile.TemporaryDirectory() as model_dir:
+        save_tiny(base, tokenizer, model_dir)  # the one starting point both load
+        acc_before = held_out_accuracy(model_dir, None, eval_examples, config)
+        for name, run in [("minigrpo", lambda: run_minigrpo(model_dir, train_examples, eval_examples, config)),
+                          ("trl", lambda: run_trl(model_dir, train_examples, config))]:
+            load_before = load()
+            out = run()
+            results[name] = {**step_times(out, skip), "torch_threads": out["threads"],
+                             "acc_after": held_out_accuracy(model_dir, out["model"].state_dict(), eval_examples, config),
+                             "params_sha256": params_sha256(out["model"]),
+                             "sample_completions": out["completions"][:8]}
+            phases[name] = {"load_before": load_before, "load_after": load()}
+            print(f"{name}: {results[name]['median_s_per_step']:.3f} s/step (median), "
+                  f"acc {acc_before:.3f} -> {results[name]['acc_after']:.3f}", flush=True)
+    ratio = results["minigrpo"]["median_s_per_step"] / results["trl"]["median_s_per_step"]
+    summary = {
+        "quick": args.quick, "steps": config.steps, "skip": skip,
+        "acc_before": acc_before, "eval_size": len(eval_examples), "start_params_sha256": params_sha256(base),
+        "minigrpo": results["minigrpo"], "trl": results["trl"],
+        "ratio_median_s_per_step": ratio,
+        "ratio_mean_s_per_step": results["minigrpo"]["mean_s_per_step"] / results["trl"]["mean_s_per_step"],
+        "goal": {"ratio_at_most": 0.5, "ratio_met": ratio <= 0.5,
+                 "accuracy_no_worse": results["minigrpo"]["acc_after"] >= results["trl"]["acc_after"]},
+        "config": dataclasses.asdict(config), "warmup_config": dataclasses.asdict(warmup),
+        "warmup_sft_seconds": warmup_info["sft_seconds"],
+        "trl_args": {k: v for k, v in trl_args(config, "unused").to_dict().items()
+                     if k in TRL_FIELDS_SHOWN},
+        "differences": differences(config),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "trl": trl.__version__, "python": platform.python_version()},
+        "machine": {"nproc": os.cpu_count(), "platform": platform.platform(), "torch_threads": THREADS,
+                    "load_at_start": load_at_start, "load_at_end": load(), "load_per_phase": phases,
+                    "note": "2-core machine shared with other work: times are pessimistic and noisy"},
+        "total_seconds": time.perf_counter() - start,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    print(f"minigrpo/TRL time per step (median): {ratio:.3f}; wrote {args.out}")
+
+
+TRL_FIELDS_SHOWN = (
+    "num_generations", "generation_batch_size", "per_device_train_batch_size", "steps_per_generation",
+    "num_iterations", "max_completion_length", "temperature", "top_k", "top_p", "beta",
+    "use_bias_correction_kl", "epsilon", "epsilon_high", "loss_type", "importance_sampling_level",
+    "scale_rewards", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    "max_grad_norm", "optim", "gradient_checkpointing", "bf16", "seed", "max_steps",
+)
+
+if __name__ == "__main__":
+    main()
