@@ -10,13 +10,7 @@ import torch
 from minigrpo.__main__ import arithmetic_configs, build_parser, main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy machine punishes more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KEYS = {"acc_before", "acc_after", "sft_seconds", "grpo_seconds", "total_seconds", "steps",

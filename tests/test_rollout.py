@@ -8,13 +8,7 @@ from minigrpo.rollout import completion_mask, decode_completions, greedy_complet
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy machine punishes more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -6,13 +6,7 @@ import torch
 from minigrpo.tiny import VOCAB, build_model, build_tokenizer, count_parameters, load_tiny, save_tiny
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy machine punishes more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tokenizer_round_trip():
