@@ -99,12 +99,17 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Te
     return (eos_before == 0).long()  # (N, T)
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Per-token log π(o_t | q, o_<t) and entropy at the completion positions, both (N, T).
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
+    """Per-token log π(o_t | q, o_<t) and entropy at the completion positions, both (N, T),
+    for the distribution the completions are sampled from: π = softmax(logits / τ).
 
     One forward pass over [prompt, completion]; the logits that predict o_t sit one position
     earlier, so only the T positions L−1 … L+T−2 are turned into logits (``logits_to_keep``).
+    The ratio π_θ/π_θold, the KL to π_ref and the entropy all use the same τ as sampling, so at
+    τ ≠ 1 the ratio is still exactly 1 before the first update.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, L + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, L + T)
     T = completion_ids.shape[1]
@@ -115,6 +120,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         logits_to_keep=T + 1,
         use_cache=False,
     ).logits[:, :-1]  # (N, T, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     return token_logprobs_and_entropy(logits, completion_ids)  # (N, T), (N, T)
 
 
@@ -140,7 +147,7 @@ def rollout(
     """Sample a group of ``group_size`` completions for each example's prompt and score them.
 
     Old log-probs come from ``model`` (π_θold = π_θ at sampling time) and reference log-probs
-    from ``ref_model``, both computed once here, without gradients.
+    from ``ref_model``, both computed once here, without gradients, at the sampling temperature.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be ≥ 1, got {group_size}")
@@ -153,10 +160,12 @@ def rollout(
     mask = completion_mask(completion_ids, tokenizer.eos_token_id)  # (N, T)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # (N, L)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, L)
-    old_logprobs, entropy = completion_logprobs(unwrap(model), prompt_ids, prompt_mask, completion_ids, mask)
+    old_logprobs, entropy = completion_logprobs(
+        unwrap(model), prompt_ids, prompt_mask, completion_ids, mask, temperature
+    )  # (N, T), (N, T)
     ref_logprobs = None
     if ref_model is not None:
-        ref_logprobs, _ = completion_logprobs(ref_model, prompt_ids, prompt_mask, completion_ids, mask)
+        ref_logprobs, _ = completion_logprobs(ref_model, prompt_ids, prompt_mask, completion_ids, mask, temperature)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

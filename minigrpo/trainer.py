@@ -59,7 +59,7 @@ class GRPOConfig:
     group_size: int = 8
     """G, completions sampled per prompt; typical 4–16"""
     temperature: float = 1.0
-    """τ, sampling temperature of π_θold; 0.6–1.2 (1.0 samples the policy itself)"""
+    """τ: completions are drawn from softmax(logits / τ), and every log-prob (ratio, KL, entropy) is of that distribution; 0.6–1.2"""
     max_new_tokens: int = 4
     """longest completion ``|o_i|`` in tokens (EOS included); also Dr. GRPO's constant max_len"""
 
@@ -304,7 +304,7 @@ class GRPOTrainer:
         c = self.config
         logprobs, entropy = completion_logprobs(
             self.policy, batch.prompt_ids[rows], batch.prompt_mask[rows],
-            batch.completion_ids[rows], batch.completion_mask[rows],
+            batch.completion_ids[rows], batch.completion_mask[rows], c.temperature,
         )  # (n, T), (n, T)
         return grpo_loss(
             logprobs, batch.old_logprobs[rows], advantages[rows], batch.completion_mask[rows],

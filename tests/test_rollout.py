@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minigrpo.logprobs import token_logprobs
-from minigrpo.rollout import completion_mask, decode_completions, greedy_completions, position_ids_from_mask, rollout
+from minigrpo.rollout import completion_logprobs, completion_mask, decode_completions, greedy_completions, position_ids_from_mask, rollout
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 
 
@@ -64,11 +64,14 @@ def test_rollout_shapes_masks_and_groups():
     assert batch.completions == decode_completions(tokenizer, batch.completion_ids, batch.completion_mask)
 
 
-def test_rollout_logprobs_equal_a_direct_computation():
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
+def test_rollout_logprobs_equal_a_direct_computation(temperature):
+    """Old and reference log-probs are log softmax(logits / τ): the distribution sampled from."""
     model, tokenizer = small_world()
     ref, _ = small_world(seed=1)
     torch.manual_seed(1)
-    batch = rollout(model, tokenizer, EXAMPLES, group_size=3, max_new_tokens=5, ref_model=ref)
+    batch = rollout(model, tokenizer, EXAMPLES, group_size=3, max_new_tokens=5, ref_model=ref,
+                    temperature=temperature)
     for i in range(batch.completion_ids.shape[0]):  # one unpadded sequence at a time
         prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
         completion = batch.completion_ids[i][batch.completion_mask[i].bool()]
@@ -76,8 +79,16 @@ def test_rollout_logprobs_equal_a_direct_computation():
         with torch.no_grad():
             for m, got in ((model, batch.old_logprobs), (ref, batch.ref_logprobs)):
                 logits = m(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # (n, V)
-                expected = token_logprobs(logits, completion)
+                expected = token_logprobs(logits / temperature, completion)
                 torch.testing.assert_close(got[i, : len(completion)], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_completion_logprobs_rejects_a_temperature_that_is_not_positive():
+    model, tokenizer = small_world()
+    batch = rollout(model, tokenizer, EXAMPLES[:1], group_size=1, max_new_tokens=2)
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    with pytest.raises(ValueError, match="temperature"):
+        completion_logprobs(model, *args, temperature=0.0)
 
 
 def test_rollout_is_reproducible_under_a_seed():

@@ -93,7 +93,8 @@ def test_one_step_changes_parameters_and_records_metrics():
     assert trainer.history == [metrics] and metrics["step"] == 1
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # β > 0: kl is a float
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
-    assert metrics["ratio_mean"] == pytest.approx(1.0)  # μ = 1: ρ ≡ 1
+    assert metrics["ratio_mean"] == pytest.approx(1.0)  # μ = 1: ρ ≡ 1, at τ = 1.5 too
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # π_ref = π_θ before the update
 
 
 def test_several_updates_and_minibatches_move_the_ratio():
