@@ -26,9 +26,9 @@ class Rollout:
     prompt_mask: torch.Tensor  # (N, L) 1 on prompt tokens, 0 on padding
     completion_ids: torch.Tensor  # (N, T) sampled tokens; after the EOS: padding
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
-    old_logprobs: torch.Tensor  # (N, T) log π_θold(o_t | q, o_<t)
+    old_logprobs: torch.Tensor | None  # (N, T) log π_θold(o_t | q, o_<t); None: not scored yet
     ref_logprobs: torch.Tensor | None  # (N, T) log π_ref(o_t | q, o_<t), None without a reference
-    entropy: torch.Tensor  # (N, T) entropy of π_θold at each completion position
+    entropy: torch.Tensor | None  # (N, T) entropy of π_θold at each position; None: not scored yet
     completions: list[str]  # (N,) decoded completions, special tokens dropped
     answers: list[str]  # (N,) each prompt's gold answer, repeated G times
     group_size: int
@@ -143,11 +143,15 @@ def rollout(
     temperature: float = 1.0,
     max_new_tokens: int = 8,
     ref_model=None,
+    score_old: bool = True,
 ) -> Rollout:
     """Sample a group of ``group_size`` completions for each example's prompt and score them.
 
     Old log-probs come from ``model`` (π_θold = π_θ at sampling time) and reference log-probs
     from ``ref_model``, both computed once here, without gradients, at the sampling temperature.
+    ``score_old=False`` skips the old pass and leaves ``old_logprobs`` and ``entropy`` None: a
+    trainer whose only update is one pass over one mini-batch sees θ = θ_old there and takes
+    both from that update's forward pass (TRL does the same when ``num_iterations=1``).
     """
     if group_size < 1:
         raise ValueError(f"group_size must be ≥ 1, got {group_size}")
@@ -160,9 +164,11 @@ def rollout(
     mask = completion_mask(completion_ids, tokenizer.eos_token_id)  # (N, T)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # (N, L)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, L)
-    old_logprobs, entropy = completion_logprobs(
-        unwrap(model), prompt_ids, prompt_mask, completion_ids, mask, temperature
-    )  # (N, T), (N, T)
+    old_logprobs = entropy = None
+    if score_old:
+        old_logprobs, entropy = completion_logprobs(
+            unwrap(model), prompt_ids, prompt_mask, completion_ids, mask, temperature
+        )  # (N, T), (N, T)
     ref_logprobs = None
     if ref_model is not None:
         ref_logprobs, _ = completion_logprobs(ref_model, prompt_ids, prompt_mask, completion_ids, mask, temperature)

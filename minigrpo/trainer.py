@@ -292,20 +292,32 @@ class GRPOTrainer:
         k = self.config.prompts_per_step // self.world_size
         return [self.train_examples[self.prompt_rng.randrange(len(self.train_examples))] for _ in range(k)]
 
+    @property
+    def single_update(self) -> bool:
+        """μ = 1 pass over one mini-batch: the update runs at θ = θ_old, so π_θold needs no pass of its own."""
+        return self.config.num_updates == 1 and self.config.num_minibatches == 1
+
     def rollout(self, examples) -> Rollout:
         c = self.config
         return rollout(
             self.model, self.tokenizer, examples, group_size=c.group_size,
             temperature=c.temperature, max_new_tokens=c.max_new_tokens, ref_model=self.ref_model,
+            score_old=not self.single_update,
         )
 
     def loss(self, batch: Rollout, advantages: torch.Tensor, rows: torch.Tensor):
-        """``grpo_loss`` on the sequences ``rows`` of the rollout, with the current policy's log-probs."""
+        """``grpo_loss`` on the sequences ``rows`` of the rollout, with the current policy's log-probs.
+
+        A rollout scored without π_θold (``single_update``) gets its old log-probs and entropy
+        here, from this pass at θ = θ_old: ρ = exp(log π_θ − sg[log π_θ]) ≡ 1, gradient intact.
+        """
         c = self.config
         logprobs, entropy = completion_logprobs(
             self.policy, batch.prompt_ids[rows], batch.prompt_mask[rows],
             batch.completion_ids[rows], batch.completion_mask[rows], c.temperature,
         )  # (n, T), (n, T)
+        if batch.old_logprobs is None:  # rows are every row, in order: one pass, one mini-batch
+            batch.old_logprobs, batch.entropy = logprobs.detach(), entropy.detach()
         return grpo_loss(
             logprobs, batch.old_logprobs[rows], advantages[rows], batch.completion_mask[rows],
             ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
@@ -352,7 +364,7 @@ class GRPOTrainer:
         if c.shuffle_rewards:
             rewards = shuffle_within_batch(rewards)
         advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale)  # (N,)
-        advantages = advantages.to(batch.old_logprobs.device)
+        advantages = advantages.to(batch.completion_ids.device)
         lr = self.scheduler.get_last_lr()[0]
         update_metrics = self.policy_updates(batch, advantages)
         self.scheduler.step()

@@ -131,3 +131,17 @@ def test_warmup_cache_returns_the_same_model_and_info(tmp_path):
     assert params_sha256(model) == params_sha256(cached)
     assert cached_info == info and len(info["losses"]) == 3
     assert tokenizer.decode(tokenizer("1+2=")["input_ids"], skip_special_tokens=True) == "1+2="
+
+
+def test_a_single_update_takes_old_logprobs_from_its_own_pass(monkeypatch):
+    """μ = 1 over one mini-batch skips the separate π_θold pass; the step is the same as with it."""
+    fast = make_trainer(steps=1, lr=1e-2, beta=0.04)
+    assert fast.single_update
+    fast_metrics = fast.train_step()
+    monkeypatch.setattr(GRPOTrainer, "single_update", property(lambda self: False))
+    slow = make_trainer(steps=1, lr=1e-2, beta=0.04)
+    slow_metrics = slow.train_step()
+    for a, b in zip(fast.model.parameters(), slow.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "kl", "entropy", "ratio_mean", "reward_mean"):
+        assert fast_metrics[key] == pytest.approx(slow_metrics[key], rel=1e-5, abs=1e-6), key
