@@ -186,8 +186,8 @@ def differences(config: GRPOConfig) -> list[str]:
         "cumsum(mask)-1 positions and logits_to_keep",
         "reference model: minigrpo deep-copies the starting policy; TRL reloads it from the model "
         "folder (config._name_or_path); the weights are the same",
-        "old log-probs: with μ = 1 and one mini-batch TRL skips them (ratio = exp(logp − logp.detach())); "
-        "minigrpo computes them in the rollout (and the entropy, for its metrics); both give ρ ≡ 1",
+        "old log-probs: with μ = 1 and one mini-batch both skip the separate pass and take them from the "
+        "update's own forward (ratio = exp(logp − logp.detach()) ≡ 1)",
         "loss: TRL adds β·k3 to the per-token loss before aggregating, minigrpo aggregates each term "
         "separately (linear, so equal; tests/test_trl_equivalence.py checks values and gradients)",
         "optimiser: both torch.optim.AdamW (TRL optim='adamw_torch', not its default fused variant); "
@@ -203,9 +203,6 @@ def differences(config: GRPOConfig) -> list[str]:
         "EOS, minigrpo decodes the masked tokens with skip_special_tokens=True; the same exact-match "
         "reward function scores both",
     ]
-    if config.temperature != 1.0:
-        notes.append(f"temperature {config.temperature}: TRL scores log-probs of softmax(logits/τ), "
-                     "minigrpo of softmax(logits)")
     if config.lr_schedule != "constant" or config.warmup_steps:
         notes.append("learning-rate schedule: HF's warm-up starts at 0, minigrpo's at 1/warmup_steps")
     return notes
