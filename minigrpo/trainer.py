@@ -294,7 +294,8 @@ class GRPOTrainer:
 
     @property
     def single_update(self) -> bool:
-        """μ = 1 pass over one mini-batch: the update runs at θ = θ_old, so π_θold needs no pass of its own."""
+        """True when each rollout gets one pass (μ = 1) over one mini-batch, which runs at θ = θ_old,
+        so π_θold needs no forward pass of its own."""
         return self.config.num_updates == 1 and self.config.num_minibatches == 1
 
     def rollout(self, examples) -> Rollout:
