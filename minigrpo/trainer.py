@@ -317,7 +317,9 @@ class GRPOTrainer:
             self.policy, batch.prompt_ids[rows], batch.prompt_mask[rows],
             batch.completion_ids[rows], batch.completion_mask[rows], c.temperature,
         )  # (n, T), (n, T)
-        if batch.old_logprobs is None:  # rows are every row, in order: one pass, one mini-batch
+        if batch.old_logprobs is None:  # one pass over one mini-batch: rows are every row, in order
+            if not torch.equal(rows.cpu(), torch.arange(batch.completion_ids.shape[0])):
+                raise ValueError("a rollout scored without old log-probs needs rows = every row, in order")
             batch.old_logprobs, batch.entropy = logprobs.detach(), entropy.detach()
         return grpo_loss(
             logprobs, batch.old_logprobs[rows], advantages[rows], batch.completion_mask[rows],
