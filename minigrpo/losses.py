@@ -126,7 +126,7 @@ def aggregate(
 
 
 def importance_ratio(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, level: str = "token"
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, ratio_level: str = "token"
 ) -> torch.Tensor:
     """The importance ratio ρ between the current and the sampling (old) policy, [N, T].
 
@@ -137,7 +137,7 @@ def importance_ratio(
     already hold finite values (``grpo_loss`` zeroes them).
     """
     log_ratio = logprobs - old_logprobs.detach()  # (N, T)
-    if level == "token":
+    if ratio_level == "token":
         return log_ratio.exp()
     mean_log_ratio = torch.where(mask, log_ratio, 0.0).sum(1) / mask.sum(1).clamp(min=1)  # (N,)
     return mean_log_ratio.exp()[:, None].expand_as(log_ratio)  # (N, T)
@@ -175,7 +175,9 @@ class LossOutput:
     entropy: torch.Tensor | None
     """aggregated entropy H (detached); None without entropy"""
     metrics: dict[str, float] = field(default_factory=dict)
-    """floats to log (clip fractions, ratio statistics, kl/entropy token means, advantage stats)"""
+    """floats to log: clip fractions, ratio statistics, advantage statistics (``loss_metrics``),
+    and ``kl_token_mean`` / ``entropy_token_mean``, the plain means over completion tokens (which
+    differ from ``kl`` / ``entropy`` above, aggregated as the loss aggregates them)"""
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -298,12 +300,12 @@ def grpo_loss(
     if ref_logprobs is not None:
         per_token_kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)  # (N, T)
         kl = agg(per_token_kl)
-        metrics["kl"] = _masked_mean(per_token_kl.detach(), m)
+        metrics["kl_token_mean"] = _masked_mean(per_token_kl.detach(), m)
         if beta > 0:
             loss = loss + beta * kl
     if entropy is not None:
         entropy_term = agg(entropy)
-        metrics["entropy"] = _masked_mean(entropy.detach(), m)
+        metrics["entropy_token_mean"] = _masked_mean(entropy.detach(), m)
         if alpha > 0:
             loss = loss - alpha * entropy_term
         entropy = entropy_term.detach()

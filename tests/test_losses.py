@@ -219,8 +219,8 @@ def test_golden_grpo_loss():
     assert out.metrics["ratio_mean"] == pytest.approx(1.0)
     assert out.metrics["ratio_min"] == pytest.approx(0.7)
     assert out.metrics["ratio_max"] == pytest.approx(1.3)
-    assert out.metrics["kl"] == pytest.approx(math.log(2) - 0.5)
-    assert out.metrics["entropy"] == pytest.approx(1.0)
+    assert out.metrics["kl_token_mean"] == pytest.approx(math.log(2) - 0.5)
+    assert out.metrics["entropy_token_mean"] == pytest.approx(1.0)
 
 
 def test_loss_output_fields():
@@ -233,7 +233,7 @@ def test_loss_output_fields():
     assert {"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "ratio_min", "ratio_max"} <= set(out.metrics)
     out = grpo_loss(lp, old, adv, mask, ref_logprobs=ref, entropy=ent.requires_grad_())
     assert not out.kl.requires_grad and not out.entropy.requires_grad
-    assert {"kl", "entropy"} <= set(out.metrics)
+    assert {"kl_token_mean", "entropy_token_mean"} <= set(out.metrics)
 
 
 # --------------------------------------------------------------------------- properties

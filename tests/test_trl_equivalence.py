@@ -286,7 +286,7 @@ def test_same_metrics(both):
     counts clipped sequences, minigrpo clipped tokens, so clip fractions are compared at token
     level only."""
     trl_metrics, mg_metrics = both["trl_metrics"], both["mg_out"].metrics
-    pairs = {"kl": "kl"} if both["config"]["beta"] > 0 else {}
+    pairs = {"kl": "kl_token_mean"} if both["config"]["beta"] > 0 else {}
     if both["config"]["level"] == "token":
         pairs.update(CLIP_METRICS)
     for trl_key, mg_key in pairs.items():
