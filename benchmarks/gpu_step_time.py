@@ -56,13 +56,12 @@ def generation_throughput(model, tokenizer, examples, shape: dict, device: str) 
     timed after an untimed short call (run it after the steps: a first long call in a process
     pays the allocator's and kernels' first-use costs, 23.6 s against ≤ 12.5 s for a whole
     step in benchmarks/results/gpu/gpu_step_time_lora32.json)."""
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [ex["prompt"] for ex in examples])
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [ex["prompt"] for ex in examples], device)
     model.eval()
     generate = lambda max_new_tokens: sample_completions(  # noqa: E731
         model, tokenizer, prompt_ids, prompt_mask, group_size=shape["group_size"],
         temperature=1.0, max_new_tokens=max_new_tokens,
-    )  # (P·G, T)
+    )[0]  # (P·G, T)
     generate(8)
     cuda_sync(device)
     start = time.perf_counter()
@@ -80,17 +79,16 @@ def step_times(model, tokenizer, examples, shape: dict, lora_rank: int, steps: i
     config = GRPOConfig(
         steps=steps + 1, prompts_per_step=shape["prompts"], group_size=shape["group_size"],
         max_new_tokens=shape["max_new_tokens"], num_minibatches=shape["minibatches"],
-        beta=0.04, lr=1e-5, eval_every=0,
+        beta=0.04, lr=1e-5, eval_every=0, rows_per_pass=16,
     )
-    ref_model = models.reference_model(model) if lora_rank > 0 else None
-    trainer = GRPOTrainer(model, tokenizer, examples, examples[:1], config, ref_model=ref_model)
+    trainer = GRPOTrainer(model, tokenizer, examples, examples[:1], config)
     trainer.train_step()  # warm-up: kernels, allocator, optimizer state
     seconds = []
     with models.peak_memory(device) as memory:
         for _ in range(steps):
             seconds.append(trainer.train_step()["step_seconds"])
     return {"step_seconds_median": statistics.median(seconds), "step_seconds": seconds,
-            "peak_memory_gb": memory["peak_gb"]}
+            "peak_memory_gib": memory["peak_gib"]}
 
 
 def main(argv=None) -> dict:

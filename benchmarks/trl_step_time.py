@@ -39,20 +39,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 
-from minigrpo.__main__ import TINY_GRPO, TINY_WARMUP  # noqa: E402
+from minigrpo.arithmetic import TINY_GRPO, TINY_WARMUP, WarmupConfig, warmup_model  # noqa: E402
 from minigrpo.data import arithmetic_examples  # noqa: E402
+from minigrpo.evaluation import evaluate  # noqa: E402
 from minigrpo.tiny import load_tiny, save_tiny  # noqa: E402
-from minigrpo.trainer import (  # noqa: E402
-    REWARD_FUNCS, GRPOConfig, GRPOTrainer, WarmupConfig, params_sha256, warmup_model,
-)
+from minigrpo.trainer import GRPOConfig, GRPOTrainer, params_sha256, trl_grpo_kwargs  # noqa: E402
 
 THREADS = 2
 QUICK_STEPS = 3
-# minigrpo's Â denominator / token aggregation -> TRL's scale_rewards / loss_type
-SCALE_REWARDS = {"group": "group", "batch": "batch", "none": "none"}
-LOSS_TYPES = {"grpo": "grpo", "dapo": "bnpo", "dr_grpo": "dr_grpo"}  # TRL "bnpo": token mean of the batch
-
-
 def benchmark_configs(quick: bool, steps: int | None) -> tuple[WarmupConfig, GRPOConfig]:
     """The CLI's headline configs (its ``--tiny`` ones with ``--quick``), ``steps`` overridden."""
     warmup = WarmupConfig(**TINY_WARMUP) if quick else WarmupConfig()
@@ -67,57 +61,38 @@ def updates_per_step(config: GRPOConfig) -> int:
 
 
 def trl_args(config: GRPOConfig, output_dir: str) -> trl.GRPOConfig:
-    """TRL's config with minigrpo's hyperparameters; no logging, saving or evaluation."""
-    if config.alpha != 0 or config.kl_estimator != "k3" or config.shuffle_rewards:
-        raise ValueError("TRL has no counterpart for alpha != 0, kl_estimator != 'k3' or shuffle_rewards")
-    n = config.prompts_per_step * config.group_size  # sequences per rollout
-    if n % config.num_minibatches:
-        raise ValueError(f"num_minibatches={config.num_minibatches} does not divide {n} sequences")
-    schedule = {"constant": "constant_with_warmup" if config.warmup_steps else "constant"}
+    """TRL's config with minigrpo's hyperparameters (the package's ``trl_grpo_kwargs``); no
+    logging, saving or evaluation."""
     return trl.GRPOConfig(
         output_dir=output_dir, report_to="none", logging_strategy="no", save_strategy="no",
         eval_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
         gradient_checkpointing=False,  # TRL's default is True; minigrpo's tiny runs have none
         optim="adamw_torch",  # torch.optim.AdamW, as minigrpo (TRL's default is the fused one)
-        seed=config.seed, max_steps=config.steps * updates_per_step(config),
-        num_generations=config.group_size, generation_batch_size=n,
-        per_device_train_batch_size=n // config.num_minibatches, gradient_accumulation_steps=1,
-        num_iterations=config.num_updates, max_completion_length=config.max_new_tokens,
-        temperature=config.temperature, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
-        beta=config.beta, use_bias_correction_kl=False, epsilon=config.eps_low,
-        epsilon_high=config.eps_high if config.eps_high is not None else config.eps_low,
-        loss_type=LOSS_TYPES[config.loss_type], importance_sampling_level=config.ratio_level,
-        scale_rewards=SCALE_REWARDS[config.advantage_scale], reward_weights=list(config.reward_weights),
-        learning_rate=config.lr, lr_scheduler_type=schedule.get(config.lr_schedule, config.lr_schedule),
-        warmup_steps=config.warmup_steps * updates_per_step(config), weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else 0.0,
-        log_completions=False,
+        log_completions=False, **trl_grpo_kwargs(config),
     )
 
 
-def trl_reward_func(name: str, seen: list[str]):
-    """minigrpo's reward ``name`` as a TRL reward function: TRL passes the decoded completions
+def trl_reward_func(reward, seen: list[str]):
+    """minigrpo's reward function as a TRL reward function: TRL passes the decoded completions
     (special tokens skipped) and the dataset's ``answer`` column.  ``seen`` collects the texts."""
-    reward = REWARD_FUNCS[name]
 
     def reward_func(completions, answer, **kwargs):
         seen.extend(completions)
         return [reward(c, a) for c, a in zip(completions, answer)]
 
-    reward_func.__name__ = name
+    reward_func.__name__ = reward.__name__
     return reward_func
 
 
 def held_out_accuracy(model_dir: str, state_dict, eval_examples, config: GRPOConfig) -> float:
     """minigrpo's own evaluation (greedy completions scored by ``config.accuracy_reward``) of the
     parameters ``state_dict`` (None: the starting ones), put into a fresh copy of the starting
-    model so that both trainers' results go through the very same code; a ``GRPOTrainer`` is
-    built around it only to call ``evaluate``."""
+    model so that both trainers' results go through the very same code."""
     model, tokenizer = load_tiny(model_dir)
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    evaluator = GRPOTrainer(model, tokenizer, [], eval_examples, dataclasses.replace(config, beta=0.0))
-    return evaluator.evaluate()
+    return evaluate(model, tokenizer, eval_examples, config.accuracy_reward, max_new_tokens=config.eval_tokens,
+                    batch_size=config.eval_batch_size).accuracy
 
 
 def run_minigrpo(model_dir: str, train_examples, eval_examples, config: GRPOConfig) -> dict:
@@ -128,7 +103,7 @@ def run_minigrpo(model_dir: str, train_examples, eval_examples, config: GRPOConf
     for _ in range(config.steps):
         trainer.train_step()
         ends.append(time.perf_counter())
-    completions = trainer.rollout(trainer.sample_prompts()[:1]).completions  # a sample, after timing
+    completions = trainer.sample_groups(trainer.sample_prompts()[:1]).completions  # a sample, after timing
     return {"model": model, "ends": ends, "start": start,
             "threads": torch.get_num_threads(), "completions": completions}
 
@@ -154,7 +129,7 @@ def run_trl(model_dir: str, train_examples, config: GRPOConfig) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = trl.GRPOTrainer(
             model=model, processing_class=tokenizer, args=trl_args(config, output_dir),
-            reward_funcs=[trl_reward_func(name, seen) for name in config.reward_funcs],
+            reward_funcs=[trl_reward_func(reward, seen) for reward in config.reward_funcs],
             train_dataset=datasets.Dataset.from_list(train_examples), callbacks=[timer],
         )
         trainer.train()
@@ -178,9 +153,9 @@ def differences(config: GRPOConfig) -> list[str]:
         "prompt order: minigrpo draws each step's prompts uniformly with replacement from the training "
         "split (seeded); TRL's RepeatSampler walks a seeded shuffle of it without replacement; same pool, "
         "different prompts per step, and different random numbers for sampling",
-        "sampling: minigrpo calls generate once on P prompts with num_return_sequences=G and explicit "
-        "position_ids; TRL repeats each prompt G times in the batch and lets generate derive positions "
-        "from the mask; both sample softmax(logits/τ) with top_k=0, top_p=1",
+        "sampling: minigrpo calls generate once on P prompts with num_return_sequences=G and a fresh "
+        "generation config; TRL repeats each prompt G times in the batch; both let generate derive "
+        "positions from the mask and sample softmax(logits/τ) with top_k=0, top_p=1",
         "log-prob forward: TRL passes no position_ids (left-padded rows are shifted by a constant, which "
         "rotary embeddings ignore up to rounding) and uses its fused LM head with labels; minigrpo passes "
         "cumsum(mask)-1 positions and logits_to_keep",
@@ -251,7 +226,7 @@ def main() -> None:
         "ratio_mean_s_per_step": results["minigrpo"]["mean_s_per_step"] / results["trl"]["mean_s_per_step"],
         "goal": {"ratio_at_most": 0.5, "ratio_met": ratio <= 0.5,
                  "accuracy_no_worse": results["minigrpo"]["acc_after"] >= results["trl"]["acc_after"]},
-        "config": dataclasses.asdict(config), "warmup_config": dataclasses.asdict(warmup),
+        "config": config.to_dict(), "warmup_config": dataclasses.asdict(warmup),
         "warmup_sft_seconds": warmup_info["sft_seconds"],
         "trl_args": {k: v for k, v in trl_args(config, "unused").to_dict().items()
                      if k in TRL_FIELDS_SHOWN},

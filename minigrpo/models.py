@@ -44,17 +44,21 @@ def choose_dtype(device: str | torch.device, lora: bool) -> torch.dtype:
     """The dtype to store the weights in, for a device and a fine-tuning mode.
 
     - CPU: float32 (half precision is slow on CPUs and buys nothing here).
-    - GPU, full fine-tuning: float32.  AdamW moves a weight by about lr ≈ 1e-6 of itself per
-      step, far below bfloat16's resolution (2^-8 ≈ 4e-3), so bf16 weights would not move;
-      ``enable_tf32`` lets the matmuls use the tensor cores anyway.
-    - GPU, LoRA: the base weights are frozen, so half precision only rounds the forward pass:
-      bfloat16 where the GPU has it (Ampere, Hopper: A100, H100), else float16 (Turing: the
-      Colab T4).  The adapter itself stays float32 (peft upcasts it).
+    - GPU, full fine-tuning: float32.  AdamW moves a weight by about lr per step in absolute
+      terms (1e-6 for full fine-tuning); a bfloat16 weight of size 0.02 is stored to
+      0.02 · 2^-8 ≈ 8e-5, so most updates would round away.  ``enable_tf32`` still lets the
+      matmuls use the tensor cores.
+    - GPU with LoRA, compute capability ≥ 8.0 (A100, H100): bfloat16.  The base weights are
+      frozen, so half precision only rounds the forward pass; the adapter stays float32.
+    - GPU with LoRA below 8.0 (the Colab T4 is 7.5): float32.  ``torch.cuda.is_bf16_supported()``
+      answers True there by emulating bfloat16, slowly, and float16 without loss scaling
+      underflows in the backward pass (and Qwen2's activations are known to overflow it).
     """
     device = torch.device(device)
     if device.type != "cuda" or not lora:
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float32
 
 
 def enable_tf32() -> None:
@@ -228,11 +232,11 @@ class AdapterDisabled(torch.nn.Module):
 def reference_model(policy):
     """π_ref for the KL term: the adapter-disabled view of a LoRA policy, else a frozen copy.
 
-    The copy costs one more set of weights (2 GB for Qwen2.5-0.5B in float32).
+    The copy costs one more set of weights (1.8 GiB for Qwen2.5-0.5B in float32).
     """
     if is_lora(policy):
         return AdapterDisabled(policy)
-    return copy.deepcopy(policy).eval().requires_grad_(False)
+    return copy.deepcopy(getattr(policy, "module", policy)).eval().requires_grad_(False)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -245,9 +249,9 @@ def count_parameters(model) -> tuple[int, int]:
 @contextlib.contextmanager
 def peak_memory(device: str | torch.device):
     """Measure the peak GPU memory allocated inside the block; yields a dict filled on exit
-    with ``peak_gb`` (None on the CPU, where torch does not track it)."""
+    with ``peak_gib`` (GiB, 2^30 bytes; None on the CPU, where torch does not track it)."""
     device = torch.device(device)
-    stats: dict[str, float | None] = {"peak_gb": None}
+    stats: dict[str, float | None] = {"peak_gib": None}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -256,4 +260,4 @@ def peak_memory(device: str | torch.device):
     finally:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            stats["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -1,14 +1,15 @@
 """The matplotlib figures the book's chapters share.
 
 Each function draws one figure from numbers it is given (tensors, arrays or lists) and returns
-the :class:`matplotlib.figure.Figure`; a notebook then calls ``plt.show()``.  This module imports
-only matplotlib, numpy and torch, never the rest of the package, so the numbers a figure shows are
-computed by the chapter (usually with the package's own functions) and only drawn here.
+the :class:`matplotlib.figure.Figure`; a notebook then calls ``plt.show()``.  The numbers a
+figure shows are computed by the chapter (usually with the package's own functions) and only
+drawn here; training curves take their axis labels from the trainer's one list of metrics
+(``minigrpo.trainer.METRICS``).
 
     import matplotlib.pyplot as plt
     from minigrpo import plots
 
-    fig = plots.plot_history(history, ["reward_mean", "kl", "entropy", "clip_frac"])
+    fig = plots.plot_history(history, ["reward_mean", "kl_token_mean", "entropy_token_mean"])
     plt.show()
 """
 
@@ -21,20 +22,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-#: Axis labels (with units) for the metrics a training history records; other keys are shown as is.
-METRIC_LABELS = {
-    "reward_mean": "mean reward",
-    "reward_std": "reward std within groups",
-    "acc": "held-out accuracy",
-    "kl": "KL to reference (nats/token)",
-    "entropy": "entropy (nats/token)",
-    "clip_frac": "fraction of tokens clipped",
-    "loss": "loss",
-    "policy_loss": "policy-gradient loss",
-    "completion_len": "completion length (tokens)",
-    "grad_norm": "gradient norm",
-}
-
+from minigrpo.trainer import metric_label
 
 def _numpy(x) -> np.ndarray:
     """A float numpy array from a tensor, array or list."""
@@ -147,7 +135,7 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[
         runs: run name -> history, a list of per-step dicts (e.g.
             ``{"step": 3, "reward_mean": 0.4, "kl": 0.01}``).  The x axis is ``"step"`` when the
             dicts have it, else the list index; a step without a key leaves a gap.
-        keys: the metrics to draw, one panel each (labels from :data:`METRIC_LABELS`).
+        keys: the metrics to draw, one panel each (labels from ``minigrpo.trainer.METRICS``).
         ncols: panels per row.
 
     Returns:
@@ -164,7 +152,7 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[
             values = [row.get(key, np.nan) for row in history]
             ax.plot(steps, _numpy(values), label=name or None)
         ax.set_xlabel("step")
-        ax.set_ylabel(METRIC_LABELS.get(key, key))
+        ax.set_ylabel(metric_label(key))
         ax.grid(alpha=0.3)
         if any(runs):
             ax.legend(fontsize=8)
@@ -180,7 +168,7 @@ def plot_history(history: Sequence[Mapping[str, float]], keys: Sequence[str],
 
     Args:
         history: a list of per-step dicts, as the trainer records them.
-        keys: the metrics to draw (e.g. ``["reward_mean", "kl", "entropy", "clip_frac"]``).
+        keys: the metrics to draw (e.g. ``["reward_mean", "kl_token_mean", "clip_frac"]``).
         ncols: panels per row.
 
     Returns:

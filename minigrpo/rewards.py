@@ -158,12 +158,13 @@ def correctness_reward(completion: str, answer: str) -> float:
         return 0.0
 
 
-def format_reward(completion: str) -> float:
+def format_reward(completion: str, answer: str | None = None) -> float:
     """r = 1 if the completion states its answer in exactly one non-empty ``\\boxed{…}``.
 
     The GSM8K chapter's prompt asks for the final answer in ``\\boxed{}``; this reward pays for
     following that instruction (one box, closed, not empty) whether or not the answer is right,
-    so a model learns the format that makes its answers checkable.  Never raises.
+    so a model learns the format that makes its answers checkable.  ``answer`` is ignored (it is
+    there so that every reward function is called as r(completion, answer)).  Never raises.
     """
     if not isinstance(completion, str):
         return 0.0

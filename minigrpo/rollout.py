@@ -2,8 +2,14 @@
 
 The expectation in L_GRPO is over prompts q ~ P(Q) and groups {o_i}_{i=1..G} ~ π_θold(O|q).
 A rollout samples that group with the KV cache (``model.generate``), marks each completion's
-tokens up to and including its first EOS, and scores them once, under ``no_grad``, with the
-policy (``old_logprobs``) and the frozen reference (``ref_logprobs``).
+tokens up to and including its first EOS, and scores them, under ``no_grad``, with the policy
+(``old_logprobs``) and the frozen reference (``ref_logprobs``).
+
+Sampling is from exactly softmax(logits / τ), whatever checkpoint is loaded: ``generate``
+would otherwise inherit the checkpoint's ``generation_config`` (Qwen2.5-Instruct ships a
+repetition penalty of 1.1, top-k 20 and top-p 0.8), and the ratio, the KL and the entropy
+would be computed for a different distribution than the one sampled.  Generation stops on
+every EOS id the checkpoint declares.
 
 Shapes: P prompts, N = P·G sequences (rows i·G … i·G+G−1 are prompt i's group), L prompt
 positions (left-padded), T completion positions, V vocabulary.
@@ -11,9 +17,11 @@ positions (left-padded), T completion positions, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from minigrpo.logprobs import token_logprobs_and_entropy
 
@@ -26,12 +34,11 @@ class Rollout:
     prompt_mask: torch.Tensor  # (N, L) 1 on prompt tokens, 0 on padding
     completion_ids: torch.Tensor  # (N, T) sampled tokens; after the EOS: padding
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
-    old_logprobs: torch.Tensor | None  # (N, T) log π_θold(o_t | q, o_<t); None: not scored yet
-    ref_logprobs: torch.Tensor | None  # (N, T) log π_ref(o_t | q, o_<t), None without a reference
-    entropy: torch.Tensor | None  # (N, T) entropy of π_θold at each position; None: not scored yet
+    truncated: torch.Tensor  # (N,) True where no EOS came within max_new_tokens
+    old_logprobs: torch.Tensor | None  # (N, T) log π_θold(o_t | q, o_<t); None: not scored
+    ref_logprobs: torch.Tensor | None  # (N, T) log π_ref(o_t | q, o_<t); None: no reference
     completions: list[str]  # (N,) decoded completions, special tokens dropped
     answers: list[str]  # (N,) each prompt's gold answer, repeated G times
-    group_size: int
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -39,62 +46,78 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token: cumsum(mask) − 1 (padding → 0).
-
-    With left padding the first real token must sit at position 0, as it did in training.
-    """
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def tokenize_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``(input_ids, attention_mask)``, both (P, L)."""
-    if not prompts:
-        raise ValueError("prompts is empty")
-    batch = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=True)
-    return batch["input_ids"], batch["attention_mask"]
-
-
 def model_device(model) -> torch.device:
     """Where the (possibly DDP-wrapped) model's parameters live."""
     return next(unwrap(model).parameters()).device
 
 
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token: cumsum(mask) − 1 (padding → 0).
+
+    With left padding the first real token must sit at position 0, as it did in training.
+    Only for forward passes: ``generate`` derives positions from the attention mask itself.
+    """
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)``, both (P, L), on ``device``."""
+    if not prompts:
+        raise ValueError("prompts is empty")
+    batch = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=True)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every end-of-sequence id: the tokenizer's and all the checkpoint declares (Qwen2.5-Instruct:
+    ``<|im_end|>`` and ``<|endoftext|>``)."""
+    declared = getattr(unwrap(model).generation_config, "eos_token_id", None)
+    declared = declared if isinstance(declared, (list, tuple)) else [declared]
+    return sorted({i for i in (tokenizer.eos_token_id, *declared) if i is not None})
+
+
+@contextlib.contextmanager
+def plain_generation_config(model, eos_ids: list[int], pad_id: int):
+    """Inside the block the model's ``generation_config`` is a fresh one holding only the special
+    ids, so ``generate`` inherits no sampling setting (repetition penalty, top-k/top-p, n-gram
+    bans, suppressed tokens, minimum lengths) from the checkpoint."""
+    hf_model = unwrap(model)
+    if hasattr(hf_model, "get_base_model"):  # peft: generate runs on the base model
+        hf_model = hf_model.get_base_model()
+    saved = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id)
+    try:
+        yield
+    finally:
+        hf_model.generation_config = saved
+
+
 @torch.no_grad()
 def sample_completions(
     model, tokenizer, prompt_ids, prompt_mask, *, group_size, temperature, max_new_tokens, greedy=False
-) -> torch.Tensor:
-    """Sample ``group_size`` completions per prompt with the KV cache; returns (P·G, T) token ids,
-    rows grouped by prompt.  ``greedy=True`` takes the arg-max token instead (then G must be 1).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``group_size`` completions per prompt from softmax(logits / τ) with the KV cache, rows
+    grouped by prompt; ``greedy=True`` takes the arg-max token instead (then G must be 1).
 
-    transformers 5 leaves top-k/top-p/temperature unset unless given, so they are passed
-    explicitly: plain sampling from softmax(logits / temperature), no truncation.
+    Returns ``(completion_ids, completion_mask, truncated)``: (P·G, T), (P·G, T) and (P·G,),
+    True where no EOS came within ``max_new_tokens`` (the completion was cut at the limit).
     """
-    sampling = (
-        dict(do_sample=False)
-        if greedy
-        else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    )
-    output = unwrap(model).generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
-        num_return_sequences=group_size,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        **sampling,
-    )  # (P·G, L + T)
-    return output[:, prompt_ids.shape[1] :]  # (P·G, T)
+    eos_ids = eos_token_ids(model, tokenizer)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    with plain_generation_config(model, eos_ids, tokenizer.pad_token_id):
+        output = unwrap(model).generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, num_return_sequences=group_size,
+            max_new_tokens=max_new_tokens, use_cache=True, **sampling,
+        )  # (P·G, L + T)
+    completion_ids = output[:, prompt_ids.shape[1] :]  # (P·G, T)
+    has_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).any(-1)
+    return completion_ids, completion_mask(completion_ids, eos_ids), ~has_eos
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 on each completion's tokens up to and including its first EOS, 0 after it.
-
-    A completion without an EOS (cut at max_new_tokens) is kept whole.
-    """
-    is_eos = completion_ids == eos_token_id  # (N, T)
+def completion_mask(completion_ids: torch.Tensor, eos_token_ids: int | list[int]) -> torch.Tensor:
+    """1 on each completion's tokens up to and including its first EOS (any of ``eos_token_ids``),
+    0 after it.  A completion without an EOS (cut at max_new_tokens) is kept whole."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (N, T)
     eos_before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS tokens strictly before t
     return (eos_before == 0).long()  # (N, T)
 
@@ -104,25 +127,40 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     for the distribution the completions are sampled from: π = softmax(logits / τ).
 
     One forward pass over [prompt, completion]; the logits that predict o_t sit one position
-    earlier, so only the T positions L−1 … L+T−2 are turned into logits (``logits_to_keep``).
-    The ratio π_θ/π_θold, the KL to π_ref and the entropy all use the same τ as sampling, so at
-    τ ≠ 1 the ratio is still exactly 1 before the first update.
+    earlier, so only the last T + 1 positions become logits (``logits_to_keep``), divided by τ in
+    place.  All T + 1 are scored, the last (which predicts nothing) then dropped from the
+    results: slicing the logits instead would make ``token_logprobs_and_entropy`` copy them.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, L + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, L + T)
-    T = completion_ids.shape[1]
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=T + 1,
+        logits_to_keep=completion_ids.shape[1] + 1,
         use_cache=False,
-    ).logits[:, :-1]  # (N, T, V)
+    ).logits  # (N, T + 1, V), contiguous
     if temperature != 1.0:
-        logits = logits / temperature
-    return token_logprobs_and_entropy(logits, completion_ids)  # (N, T), (N, T)
+        logits = logits.div_(temperature)
+    targets = torch.nn.functional.pad(completion_ids, (0, 1))  # (N, T + 1): any id for the last
+    logprobs, entropy = token_logprobs_and_entropy(logits, targets)  # (N, T + 1) each
+    return logprobs[:, :-1], entropy[:, :-1]  # (N, T), (N, T)
+
+
+@torch.no_grad()
+def score(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, rows_per_pass=None):
+    """log π(o_t | q, o_<t), (N, T), without gradients, ``rows_per_pass`` sequences per forward
+    pass (None: all at once), so the scoring passes never hold logits for all N rows."""
+    n = completion_ids.shape[0]
+    step = rows_per_pass or n
+    parts = [
+        completion_logprobs(model, prompt_ids[i : i + step], prompt_mask[i : i + step],
+                            completion_ids[i : i + step], completion_mask[i : i + step], temperature)[0]
+        for i in range(0, n, step)
+    ]  # fmt: skip
+    return torch.cat(parts)  # (N, T)
 
 
 def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:
@@ -144,55 +182,50 @@ def rollout(
     max_new_tokens: int = 8,
     ref_model=None,
     score_old: bool = True,
+    rows_per_pass: int | None = None,
 ) -> Rollout:
     """Sample a group of ``group_size`` completions for each example's prompt and score them.
 
     Old log-probs come from ``model`` (π_θold = π_θ at sampling time) and reference log-probs
-    from ``ref_model``, both computed once here, without gradients, at the sampling temperature.
-    ``score_old=False`` skips the old pass and leaves ``old_logprobs`` and ``entropy`` None: a
-    trainer whose only update is one pass over one mini-batch sees θ = θ_old there and takes
-    both from that update's forward pass (TRL does the same when ``num_iterations=1``).
+    from ``ref_model``, at the sampling temperature, ``rows_per_pass`` sequences per forward
+    pass.  ``score_old=False`` skips the old pass and leaves ``old_logprobs`` None, for a trainer
+    whose only update runs at θ = θ_old and takes them from its own forward pass.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be ≥ 1, got {group_size}")
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [ex["prompt"] for ex in examples])
-    prompt_ids, prompt_mask = prompt_ids.to(model_device(model)), prompt_mask.to(model_device(model))
-    completion_ids = sample_completions(
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [ex["prompt"] for ex in examples], model_device(model))
+    completion_ids, mask, truncated = sample_completions(
         model, tokenizer, prompt_ids, prompt_mask,
         group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens,
-    )  # (N, T)
-    mask = completion_mask(completion_ids, tokenizer.eos_token_id)  # (N, T)
+    )  # (N, T), (N, T), (N,)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # (N, L)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, L)
-    old_logprobs = entropy = None
-    if score_old:
-        old_logprobs, entropy = completion_logprobs(
-            unwrap(model), prompt_ids, prompt_mask, completion_ids, mask, temperature
-        )  # (N, T), (N, T)
-    ref_logprobs = None
-    if ref_model is not None:
-        ref_logprobs, _ = completion_logprobs(ref_model, prompt_ids, prompt_mask, completion_ids, mask, temperature)
+    batch = (prompt_ids, prompt_mask, completion_ids, mask, temperature, rows_per_pass)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         completion_ids=completion_ids,
         completion_mask=mask,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        entropy=entropy,
+        truncated=truncated,
+        old_logprobs=score(unwrap(model), *batch) if score_old else None,
+        ref_logprobs=None if ref_model is None else score(ref_model, *batch),
         completions=decode_completions(tokenizer, completion_ids, mask),
         answers=[ex["answer"] for ex in examples for _ in range(group_size)],
-        group_size=group_size,
     )
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
-    """Greedy (arg-max) completions, one per prompt, as text: what evaluation scores."""
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts)
-    prompt_ids, prompt_mask = prompt_ids.to(model_device(model)), prompt_mask.to(model_device(model))
-    completion_ids = sample_completions(
+def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> tuple[list[str], list[bool]]:
+    """Arg-max completions, one per prompt, as text, and whether each was cut at the limit."""
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, model_device(model))
+    completion_ids, mask, truncated = sample_completions(
         model, tokenizer, prompt_ids, prompt_mask,
         group_size=1, temperature=1.0, max_new_tokens=max_new_tokens, greedy=True,
     )
-    return decode_completions(tokenizer, completion_ids, completion_mask(completion_ids, tokenizer.eos_token_id))
+    return decode_completions(tokenizer, completion_ids, mask), truncated.tolist()
+
+
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy (arg-max) completions, one per prompt, as text: the same as decoding each prompt
+    alone without padding."""
+    return greedy_decode(model, tokenizer, prompts, max_new_tokens)[0]

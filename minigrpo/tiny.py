@@ -131,7 +131,3 @@ def load_tiny(path: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())

@@ -1,4 +1,4 @@
-"""The GRPO training loop: one config dataclass, small functions composed.
+"""The GRPO training loop: one config dataclass and one trainer, for any causal LM.
 
 The objective it minimises::
 
@@ -7,15 +7,12 @@ The objective it minimises::
 Each step: draw prompts q, roll out G completions each (``minigrpo.rollout``), score them with
 weighted reward functions, turn rewards into group-relative advantages
 (``minigrpo.group_advantages``), then take μ passes of ``minigrpo.grpo_loss`` over the batch
-(old log-probs from the rollout, so with μ = 1 and one mini-batch the ratio ρ ≡ 1) with AdamW.
-Greedy held-out accuracy is measured every ``eval_every`` steps.
+with AdamW.  Greedy held-out accuracy (``minigrpo.evaluation``) is measured before training,
+every ``eval_every`` steps and at the end.
 
-Under ``torchrun`` (torch.distributed initialised) each rank samples its share of the prompts,
+Under ``torchrun`` (``init_distributed``) each rank samples its share of the prompts,
 gradients are all-reduced by DistributedDataParallel, metrics are averaged over ranks and rank
 0 writes checkpoints.
-
-Also here: the supervised warm-up that stands in for pre-training (``warmup_model``, cached
-on disk by its config), and checkpoints with every RNG state for exact resume.
 
     trainer = GRPOTrainer(model, tokenizer, train_examples, eval_examples, GRPOConfig())
     trainer.train()
@@ -23,73 +20,80 @@ on disk by its config), and checkpoints with every RNG state for exact resume.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import hashlib
-import json
 import math
+import numbers
+import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from minigrpo.advantages import group_advantages
-from minigrpo.data import warmup_examples
-from minigrpo.losses import grpo_loss
-from minigrpo.rewards import correctness_reward, exact_match_reward, format_reward
-from minigrpo.rollout import Rollout, completion_logprobs, greedy_completions, rollout, tokenize_prompts, unwrap
-from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer, load_tiny, save_tiny
+from minigrpo.advantages import SCALES, group_advantages
+from minigrpo.evaluation import EvalResult, evaluate
+from minigrpo.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, grpo_loss
+from minigrpo.models import is_lora, peak_memory, reference_model
+from minigrpo.rewards import exact_match_reward
+from minigrpo.rollout import Rollout, completion_logprobs, model_device, rollout, unwrap
+
+RewardFunc = Callable[[str, str], float]
+"""r(completion, answer) -> float"""
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
 class GRPOConfig:
-    """Every GRPO hyperparameter, its default and what it means (defaults: the tiny world)."""
+    """Every GRPO hyperparameter, its default and what it means (defaults: the tiny world).
+    Every value is checked when the config is built."""
 
     # --- the expectation: prompts q ~ P(Q) and groups {o_i} ~ π_θold(O|q)
     steps: int = 100
     """number of GRPO steps (one rollout + its updates each); the schedule's horizon"""
     prompts_per_step: int = 16
-    """prompts q per step, summed over all ranks; typical 8–64"""
+    """P, prompts q per step, summed over all ranks; typical 8–64"""
     group_size: int = 8
     """G, completions sampled per prompt; typical 4–16"""
     temperature: float = 1.0
     """τ: completions are drawn from softmax(logits / τ), and every log-prob (ratio, KL, entropy) is of that distribution; 0.6–1.2"""
     max_new_tokens: int = 4
-    """longest completion ``|o_i|`` in tokens (EOS included); also Dr. GRPO's constant max_len"""
+    """L_max, the longest completion ``|o_i|`` in tokens (EOS included); also Dr. GRPO's constant ``max_len``"""
 
     # --- rewards and advantages
-    reward_funcs: tuple[str, ...] = ("exact_match",)
-    """names of the reward functions r_k(completion, answer), see ``REWARD_FUNCS``"""
+    reward_funcs: tuple[RewardFunc, ...] = (exact_match_reward,)
+    """the reward functions r_k(completion, answer)"""
     reward_weights: tuple[float, ...] = (1.0,)
     """w_k, the reward is r = Σ_k w_k·r_k; one weight per reward function"""
-    accuracy_reward: str = "exact_match"
+    accuracy_reward: RewardFunc = exact_match_reward
     """the reward function whose value 1.0 counts as correct in held-out evaluation"""
     shuffle_rewards: bool = False
     """the control: permute rewards at random within the batch, cutting them from completions"""
     advantage_scale: str = "group"
-    """Â's denominator: "group" (std of the group), "batch" (std of the batch), "none" (Dr. GRPO)"""
+    """Â's denominator (``scale`` of ``group_advantages``): "group" (std of the group), "batch" (std of the batch), "none" (Dr. GRPO)"""
 
     # --- the loss L_PG + β·L_KL − α·H
     num_updates: int = 1
-    """μ, optimisation passes over each rollout; 1–4 (μ = 1: ρ ≡ 1, no clipping happens)"""
+    """μ, optimisation passes over each rollout; 1–4 (μ = 1 with one mini-batch: ρ ≡ 1, no clipping happens)"""
     num_minibatches: int = 1
     """mini-batches per pass, one optimiser step each; 1–8"""
     beta: float = 0.04
     """β, weight of the KL loss to the frozen reference; 0–0.1 (0: no reference model kept)"""
     alpha: float = 0.0
-    """α, weight of the entropy bonus (minimising −α·H raises entropy); 0–0.01"""
+    """α, weight of the entropy bonus (minimising −α·H raises entropy); 0–1e-3"""
     eps_low: float = 0.2
     """ε_low, the ratio is clipped below at 1 − ε_low; 0.1–0.3"""
     eps_high: float | None = None
     """ε_high, clipped above at 1 + ε_high; None means ε_low (DAPO's clip-higher: 0.28)"""
     loss_type: str = "grpo"
-    """token aggregation: "grpo" (per-sequence mean), "dapo" (token mean), "dr_grpo" (÷ G·max_len)"""
+    """token aggregation: "grpo" (per-sequence mean), "dapo" (token mean), "dr_grpo" (÷ N·max_new_tokens, N sequences in the mini-batch)"""
     ratio_level: str = "token"
     """"token": ρ per token (GRPO); "sequence": one length-normalised ρ per completion (GSPO)"""
     kl_estimator: str = "k3"
@@ -97,7 +101,7 @@ class GRPOConfig:
 
     # --- the optimiser (AdamW)
     lr: float = 1e-4
-    """η, peak learning rate; tiny model 3e-5–2e-4, 0.5B model with LoRA 1e-5–1e-4"""
+    """η, peak learning rate; tiny model 3e-5–2e-4, 0.5B model with LoRA 1e-5–1e-4, full fine-tuning 1e-6–5e-6"""
     lr_schedule: str = "constant"
     """after warm-up: "constant", "linear" or "cosine" decay to 0 at ``steps``"""
     warmup_steps: int = 0
@@ -109,68 +113,161 @@ class GRPOConfig:
 
     # --- evaluation and bookkeeping
     eval_every: int = 25
-    """greedy held-out evaluation every this many steps (and at the end); 0: only at the end"""
+    """greedy held-out evaluation every this many steps (and before the first, and at the end); 0: before and at the end only"""
     eval_size: int = 500
     """number of held-out problems evaluated (the first ones of the held-out list)"""
+    eval_max_new_tokens: int | None = None
+    """token limit of evaluation's greedy completions; None: ``max_new_tokens``"""
     eval_batch_size: int = 512
     """prompts per greedy generation call during evaluation"""
+    rows_per_pass: int | None = None
+    """sequences per no-grad scoring pass (old and reference log-probs); None: all N at once"""
     checkpoint_every: int = 0
     """write a checkpoint every this many steps (and at the end) when a directory is given"""
     seed: int = 0
     """seeds prompt sampling, generation and mini-batch order (rank r uses seed + r)"""
 
     def __post_init__(self):
+        self.reward_funcs, self.reward_weights = tuple(self.reward_funcs), tuple(self.reward_weights)
+        if not self.reward_funcs or not all(callable(f) for f in (*self.reward_funcs, self.accuracy_reward)):
+            raise ValueError("reward_funcs and accuracy_reward must be callables r(completion, answer)")
         if len(self.reward_funcs) != len(self.reward_weights):
             raise ValueError("reward_funcs and reward_weights must have the same length")
-        for name in (*self.reward_funcs, self.accuracy_reward):
-            if name not in REWARD_FUNCS:
-                raise ValueError(f"unknown reward function {name!r}; choose from {sorted(REWARD_FUNCS)}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
-        for name in ("steps", "prompts_per_step", "group_size", "num_updates", "num_minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        self.reward_funcs, self.reward_weights = tuple(self.reward_funcs), tuple(self.reward_weights)
+        if not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in self.reward_weights):
+            raise ValueError(f"reward_weights must be finite numbers, got {self.reward_weights!r}")
+        for name, choices in (("advantage_scale", SCALES), ("loss_type", LOSS_TYPES), ("ratio_level", RATIO_LEVELS),
+                              ("kl_estimator", KL_ESTIMATORS), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_updates", "num_minibatches",
+                     "eval_size", "eval_batch_size", "eval_max_new_tokens", "rows_per_pass"):
+            _check_number(self, name, int, low=1, optional=name in ("eval_max_new_tokens", "rows_per_pass"))
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            _check_number(self, name, int, low=0)
+        for name in ("beta", "alpha", "weight_decay", "eps_high", "max_grad_norm"):
+            _check_number(self, name, float, low=0, optional=name in ("eps_high", "max_grad_norm"))
+        _check_number(self, "eps_low", float, low=0, high=1)
+        for name in ("temperature", "lr"):
+            _check_number(self, name, float, low=0, strict=True)
+
+    @property
+    def eval_tokens(self) -> int:
+        """The token limit evaluation uses."""
+        return self.eval_max_new_tokens or self.max_new_tokens
+
+    def to_dict(self) -> dict:
+        """The config as JSON-ready values; reward functions by name."""
+        values = dataclasses.asdict(self)
+        values["reward_funcs"] = [f.__name__ for f in self.reward_funcs]
+        values["accuracy_reward"] = self.accuracy_reward.__name__
+        return values
 
 
-def _format_reward(completion: str, answer: str) -> float:
-    return format_reward(completion)
+def _check_number(config, name: str, kind: type, low: float, high: float = math.inf,
+                  strict: bool = False, optional: bool = False) -> None:
+    """``config.name`` is a finite ``kind`` (int, or float accepting ints) in [low, high), or
+    (low, high) when ``strict``; None allowed when ``optional``."""
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    allowed = numbers.Integral if kind is int else numbers.Real
+    ok = isinstance(value, allowed) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low < value if strict else low <= value) or not value < high:
+        bounds = f"{'(' if strict else '['}{low}, {high})"
+        raise ValueError(f"{name} must be {'an int' if kind is int else 'a number'} in {bounds}, got {value!r}")
 
 
-REWARD_FUNCS = {
-    "exact_match": exact_match_reward,
-    "correctness": correctness_reward,
-    "format": _format_reward,
+# ---------------------------------------------------------------- the metrics, one list
+
+METRICS = {
+    "step": "GRPO step",
+    "reward_mean": "mean reward over the batch",
+    "reward_std": "reward std over the batch",
+    "zero_std_frac": "fraction of groups with equal rewards",
+    "truncated_frac": "fraction of completions cut at max_new_tokens",
+    "loss": "loss (as minimised)",
+    "policy_loss": "policy-gradient loss",
+    "kl": "KL term, aggregated as the loss (nats)",
+    "kl_token_mean": "KL to reference (nats/token)",
+    "entropy": "entropy term, aggregated as the loss (nats)",
+    "entropy_token_mean": "entropy (nats/token)",
+    "clip_frac_low": "fraction of tokens clipped below",
+    "clip_frac_high": "fraction of tokens clipped above",
+    "clip_frac": "fraction of tokens clipped",
+    "ratio_mean": "mean ratio ρ",
+    "ratio_min": "smallest ratio ρ",
+    "ratio_max": "largest ratio ρ",
+    "advantages_abs_mean": "mean |advantage|",
+    "zero_advantage_frac": "fraction of completions with advantage 0",
+    "completion_tokens_mean": "completion length (tokens)",
+    "grad_norm": "gradient norm before clipping",
+    "lr": "learning rate",
+    "step_seconds": "seconds per step",
+    "peak_memory_gib": "peak GPU memory (GiB)",
+    "accuracy": "held-out accuracy (greedy)",
 }
-"""Reward functions by name, each ``(completion, answer) -> float``."""
+"""Every number the trainer logs, by name, with its axis label.  Each is computed in exactly one
+place: ``train_step`` (rewards, lengths, time), ``grpo_loss``'s metrics (clip fractions, ratios,
+token means), ``policy_updates`` (loss terms, gradient norm), ``evaluate`` (accuracy).  Besides
+these, ``reward_<name>`` is the batch mean of the reward function ``<name>``."""
+
+
+def metric_label(key: str) -> str:
+    """The axis label of a logged metric (``KeyError`` for a name nobody logs)."""
+    if key.startswith("reward_") and key not in METRICS:
+        return f"mean {key.removeprefix('reward_')} reward"
+    return METRICS[key]
+
+
+class MetricLog(dict):
+    """One step's metrics: every key is in ``METRICS`` and is written once."""
+
+    def __setitem__(self, key, value):
+        if key in self:
+            raise KeyError(f"metric {key!r} written twice")
+        metric_label(key)
+        super().__setitem__(key, value)
+
+    def update(self, other=(), **kwargs):
+        for key, value in dict(other, **kwargs).items():
+            self[key] = value
+
+
+REDUCE_OVER_UPDATES = {"ratio_min": min, "ratio_max": max}
+"""How a metric of several updates becomes the step's: these by min/max, every other by the mean."""
+
+
+def reduce_updates(records: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """One value per metric from the step's μ × mini-batch updates (None stays None)."""
+    out = {}
+    for key in records[0]:
+        values = [r[key] for r in records]
+        reduce = REDUCE_OVER_UPDATES.get(key, lambda v: sum(v) / len(v))
+        out[key] = None if values[0] is None else reduce(values)
+    return out
 
 
 # ---------------------------------------------------------------- small pieces
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def compute_rewards(
+    completions: list[str], answers: list[str], reward_funcs, reward_weights
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """r_i = Σ_k w_k·r_k(o_i, answer_i), shape (N,), and each reward function's batch mean as
+    ``reward_<name>``."""
+    total = torch.zeros(len(completions))
+    means = {}
+    for func, weight in zip(reward_funcs, reward_weights):
+        values = torch.tensor([float(func(c, a)) for c, a in zip(completions, answers)])  # (N,)
+        total += weight * values
+        means[f"reward_{func.__name__}"] = values.mean().item()
+    return total, means
 
 
-def rng_states() -> dict:
-    """Every global RNG state (torch, python, numpy), for exact resume."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` from torch.distributed when initialised, else ``(0, 1)``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose rewards are all equal (advantage 0: no learning signal)."""
+    groups = rewards.view(-1, group_size)  # (P, G)
+    return (groups.max(dim=1).values == groups.min(dim=1).values).float().mean().item()
 
 
 def lr_lambda(config: GRPOConfig):
@@ -189,37 +286,36 @@ def lr_lambda(config: GRPOConfig):
     return factor
 
 
-def compute_rewards(
-    completions: list[str], answers: list[str], config: GRPOConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """r_i = Σ_k w_k·r_k(o_i, answer_i), shape (N,), plus each reward function's batch mean."""
-    total = torch.zeros(len(completions))
-    means = {}
-    for name, weight in zip(config.reward_funcs, config.reward_weights):
-        values = torch.tensor([REWARD_FUNCS[name](c, a) for c, a in zip(completions, answers)])  # (N,)
-        total += weight * values
-        means[f"reward_{name}"] = values.mean().item()
-    return total, means
+def init_distributed() -> None:
+    """Join the process group when launched by torchrun with more than one process: NCCL with
+    one GPU per rank (``cuda`` then means ``cuda:LOCAL_RANK``), gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def shuffle_within_batch(rewards: torch.Tensor) -> torch.Tensor:
-    """The control: the same rewards in a random order, so they say nothing about completions."""
-    return rewards[torch.randperm(rewards.numel())]
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` from torch.distributed when initialised, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
-    """Fraction of groups whose rewards are all equal (advantage 0: no learning signal)."""
-    groups = rewards.view(-1, group_size)  # (P, G)
-    return (groups.max(dim=1).values == groups.min(dim=1).values).float().mean().item()
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Average each metric over ranks (identity without torch.distributed)."""
+    rank, world_size = dist_info()
+    if world_size == 1:
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if v is not None)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_dist_device())
+    dist.all_reduce(values)
+    return {**metrics, **dict(zip(keys, (values / world_size).tolist()))}
 
 
-def mean_of(values: list[float | None]) -> float | None:
-    """The mean of the values, None when they are None (a metric that was not computed)."""
-    return None if values[0] is None else sum(values) / len(values)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return ((x * mask).sum() / mask.sum().clamp(min=1)).item()
+def _dist_device() -> torch.device:
+    """Where collectives' tensors must live: the rank's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def params_sha256(model: torch.nn.Module) -> str:
@@ -231,36 +327,52 @@ def params_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Average each metric over ranks (identity without torch.distributed)."""
-    rank, world_size = dist_info()
-    if world_size == 1:
-        return metrics
-    keys = sorted(k for k, v in metrics.items() if v is not None)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {**metrics, **dict(zip(keys, (values / world_size).tolist()))}
+def trl_grpo_kwargs(config: GRPOConfig) -> dict:
+    """The same hyperparameters as keyword arguments of TRL's ``trl.GRPOConfig`` (TRL 1.16).
 
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """π_ref: a copy of the model with gradients switched off."""
-    ref = copy.deepcopy(unwrap(model))
-    ref.requires_grad_(False)
-    return ref
+    minigrpo's "dapo" (token mean of the mini-batch) is TRL's "bnpo"; TRL's own "dapo" divides
+    by the tokens of the whole generation batch.  A TRL step is one optimiser step, so step
+    counts are multiplied by the updates per rollout.  TRL has no counterpart for α > 0, the
+    k1/k2 estimators or shuffled rewards: those raise ``ValueError``.
+    """
+    if config.alpha != 0 or config.kl_estimator != "k3" or config.shuffle_rewards:
+        raise ValueError("TRL has no counterpart for alpha != 0, kl_estimator != 'k3' or shuffle_rewards")
+    n = config.prompts_per_step * config.group_size  # sequences per rollout
+    if n % config.num_minibatches:
+        raise ValueError(f"num_minibatches={config.num_minibatches} does not divide {n} sequences")
+    updates = config.num_updates * config.num_minibatches
+    schedule = "constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps else config.lr_schedule
+    return dict(
+        seed=config.seed, max_steps=config.steps * updates, num_generations=config.group_size,
+        generation_batch_size=n, per_device_train_batch_size=n // config.num_minibatches,
+        gradient_accumulation_steps=1, num_iterations=config.num_updates,
+        max_completion_length=config.max_new_tokens, temperature=config.temperature,
+        top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
+        beta=config.beta, use_bias_correction_kl=False, epsilon=config.eps_low,
+        epsilon_high=config.eps_low if config.eps_high is None else config.eps_high,
+        loss_type={"dapo": "bnpo"}.get(config.loss_type, config.loss_type),
+        importance_sampling_level=config.ratio_level, scale_rewards=config.advantage_scale,
+        reward_weights=list(config.reward_weights), learning_rate=config.lr, lr_scheduler_type=schedule,
+        warmup_steps=config.warmup_steps * updates, weight_decay=config.weight_decay,
+        max_grad_norm=0.0 if config.max_grad_norm is None else config.max_grad_norm,
+    )
 
 
 # ---------------------------------------------------------------- the trainer
 
 
 class GRPOTrainer:
-    """GRPO on a causal LM: ``train()`` runs ``config.steps`` steps; ``history`` has the metrics.
+    """GRPO on a causal LM: ``train()`` runs ``config.steps`` steps; ``history`` holds one
+    ``MetricLog`` per step and ``evals`` one ``EvalResult`` per evaluation.
 
-    ``train_examples`` / ``eval_examples`` are lists of ``{"prompt", "answer"}``.  The
-    reference model π_ref is ``ref_model`` when given (e.g. a LoRA policy with its adapter
-    disabled), else a frozen copy of ``model`` as given (only kept when β > 0).
+    ``train_examples`` / ``eval_examples`` are lists of ``{"prompt", "answer"}``.  The reference
+    model π_ref (kept when β > 0) is ``models.reference_model(model)``: the LoRA policy with its
+    adapter switched off, else a frozen copy of ``model`` as given.  The trainer draws its random
+    numbers from its own generator state, seeded by ``config.seed`` (+ rank), and leaves the
+    global RNGs as they were.
     """
 
-    def __init__(self, model, tokenizer, train_examples, eval_examples, config: GRPOConfig, ref_model=None):
+    def __init__(self, model, tokenizer, train_examples, eval_examples, config: GRPOConfig):
         self.config = config
         self.tokenizer = tokenizer
         self.train_examples = list(train_examples)
@@ -268,65 +380,64 @@ class GRPOTrainer:
         self.rank, self.world_size = dist_info()
         if config.prompts_per_step % self.world_size:
             raise ValueError(f"prompts_per_step={config.prompts_per_step} is not divisible by {self.world_size} ranks")
-        seed_everything(config.seed + self.rank)
-        self.prompt_rng = random.Random(config.seed + self.rank)
         self.model = model
-        self.policy = model
-        if self.world_size > 1:  # DDP broadcasts rank 0's parameters to every rank
+        self.device = model_device(model)
+        self.policy = model  # what the loss runs: DDP broadcasts rank 0's parameters to every rank
+        if self.world_size > 1:
             self.policy = torch.nn.parallel.DistributedDataParallel(model)
-        self.owns_ref = ref_model is None and config.beta > 0  # then its copy goes in checkpoints
-        self.ref_model = None
-        if config.beta > 0:
-            self.ref_model = ref_model if ref_model is not None else frozen_copy(model)
+        self.ref_model = reference_model(model) if config.beta > 0 else None
+        self.owns_ref = self.ref_model is not None and not is_lora(model)  # a copy: it goes in checkpoints
+        self.prompt_rng = random.Random(config.seed + self.rank)
+        self.rng_state = self._seeded_rng_state(config.seed + self.rank)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.step = 0
-        self.history: list[dict[str, float]] = []  # one dict of metrics per step
-        self.evals: list[dict[str, float]] = []  # {"step", "accuracy"} per evaluation
+        self.history: list[MetricLog] = []
+        self.evals: list[EvalResult] = []
+
+    # --- randomness of its own
+
+    def _seeded_rng_state(self, seed: int) -> dict:
+        state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.Generator(self.device).manual_seed(seed).get_state()
+        return state
+
+    @contextlib.contextmanager
+    def own_rng(self):
+        """Inside the block torch's global RNGs (CPU, and the model's GPU) run from the trainer's
+        state, which the block then advances; outside, they are as the caller left them."""
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(self.rng_state["cpu"])
+            if cuda:
+                torch.cuda.set_rng_state(self.rng_state["cuda"], self.device)
+            yield
+            self.rng_state["cpu"] = torch.get_rng_state()
+            if cuda:
+                self.rng_state["cuda"] = torch.cuda.get_rng_state(self.device)
 
     # --- one step, in pieces
+
+    @property
+    def single_update(self) -> bool:
+        """One pass (μ = 1) over one mini-batch: the update runs at θ = θ_old, so the rollout
+        skips the π_θold pass and the update's own log-probs, detached, stand in for it."""
+        return self.config.num_updates == 1 and self.config.num_minibatches == 1
 
     def sample_prompts(self) -> list[dict[str, str]]:
         """This rank's share of the step's prompts, drawn uniformly with replacement."""
         k = self.config.prompts_per_step // self.world_size
         return [self.train_examples[self.prompt_rng.randrange(len(self.train_examples))] for _ in range(k)]
 
-    @property
-    def single_update(self) -> bool:
-        """True when each rollout gets one pass (μ = 1) over one mini-batch, which runs at θ = θ_old,
-        so π_θold needs no forward pass of its own."""
-        return self.config.num_updates == 1 and self.config.num_minibatches == 1
-
-    def rollout(self, examples) -> Rollout:
+    def sample_groups(self, examples) -> Rollout:
+        """G completions per example from the current policy, scored (``minigrpo.rollout``)."""
         c = self.config
         return rollout(
-            self.model, self.tokenizer, examples, group_size=c.group_size,
-            temperature=c.temperature, max_new_tokens=c.max_new_tokens, ref_model=self.ref_model,
-            score_old=not self.single_update,
-        )
-
-    def loss(self, batch: Rollout, advantages: torch.Tensor, rows: torch.Tensor):
-        """``grpo_loss`` on the sequences ``rows`` of the rollout, with the current policy's log-probs.
-
-        A rollout scored without π_θold (``single_update``) gets its old log-probs and entropy
-        here, from this pass at θ = θ_old: ρ = exp(log π_θ − sg[log π_θ]) ≡ 1, gradient intact.
-        """
-        c = self.config
-        logprobs, entropy = completion_logprobs(
-            self.policy, batch.prompt_ids[rows], batch.prompt_mask[rows],
-            batch.completion_ids[rows], batch.completion_mask[rows], c.temperature,
-        )  # (n, T), (n, T)
-        if batch.old_logprobs is None:  # one pass over one mini-batch: rows are every row, in order
-            if not torch.equal(rows.cpu(), torch.arange(batch.completion_ids.shape[0])):
-                raise ValueError("a rollout scored without old log-probs needs rows = every row, in order")
-            batch.old_logprobs, batch.entropy = logprobs.detach(), entropy.detach()
-        return grpo_loss(
-            logprobs, batch.old_logprobs[rows], advantages[rows], batch.completion_mask[rows],
-            ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
-            entropy=entropy, beta=c.beta, alpha=c.alpha, eps_low=c.eps_low, eps_high=c.eps_high,
-            loss_type=c.loss_type, ratio_level=c.ratio_level, kl_estimator=c.kl_estimator,
-            max_len=c.max_new_tokens,
+            self.model, self.tokenizer, examples, group_size=c.group_size, temperature=c.temperature,
+            max_new_tokens=c.max_new_tokens, ref_model=self.ref_model, score_old=not self.single_update,
+            rows_per_pass=c.rows_per_pass,
         )
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
@@ -338,8 +449,11 @@ class GRPOTrainer:
         self.optimizer.step()
         return grad_norm.item()
 
-    def policy_updates(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """μ passes over the rollout in ``num_minibatches`` shuffled mini-batches; mean metrics."""
+    def policy_updates(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float | None]:
+        """μ passes over the rollout in ``num_minibatches`` shuffled mini-batches, one AdamW step
+        each; ``grpo_loss`` on each, with π_θold from the rollout (or, when the rollout has none,
+        ``single_update``, this pass's own log-probs detached: ρ = exp(log π_θ − sg[log π_θ]) ≡ 1,
+        gradient intact)."""
         c = self.config
         n = advantages.numel()
         records = []
@@ -347,44 +461,48 @@ class GRPOTrainer:
         self.model.train()  # gradient checkpointing, when on, acts in training mode only
         for _ in range(c.num_updates):
             order = torch.randperm(n) if c.num_minibatches > 1 else torch.arange(n)
-            for rows in order.chunk(c.num_minibatches):
-                out = self.loss(batch, advantages, rows)
-                grad_norm = self.optimizer_step(out.loss)
+            for rows in order.to(self.device).chunk(c.num_minibatches):
+                mask = batch.completion_mask[rows]
+                logprobs, entropy = completion_logprobs(
+                    self.policy, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
+                    mask, c.temperature,
+                )  # (n, T), (n, T)
+                old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+                out = grpo_loss(
+                    logprobs, old, advantages[rows], mask,
+                    ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
+                    entropy=entropy, beta=c.beta, alpha=c.alpha, eps_low=c.eps_low, eps_high=c.eps_high,
+                    loss_type=c.loss_type, ratio_level=c.ratio_level, kl_estimator=c.kl_estimator,
+                    max_len=c.max_new_tokens,
+                )
                 records.append({
                     "loss": out.loss.item(), "policy_loss": out.policy_loss.item(),
                     "kl": None if out.kl is None else out.kl.item(),  # None: no reference (β = 0)
-                    "grad_norm": grad_norm, **out.metrics,
+                    "entropy": out.entropy.item(), "grad_norm": self.optimizer_step(out.loss), **out.metrics,
                 })
         self.model.train(was_training)  # back to the mode generation runs in (eval: KV cache on)
-        return {k: mean_of([r[k] for r in records]) for k in records[0]}
+        return reduce_updates(records)
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> MetricLog:
         """One GRPO step: rollout → rewards → advantages → μ updates → schedule step."""
         c = self.config
         start = time.perf_counter()
-        batch = self.rollout(self.sample_prompts())
-        rewards, reward_means = compute_rewards(batch.completions, batch.answers, c)  # (N,)
-        if c.shuffle_rewards:
-            rewards = shuffle_within_batch(rewards)
-        advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale)  # (N,)
-        advantages = advantages.to(batch.completion_ids.device)
-        lr = self.scheduler.get_last_lr()[0]
-        update_metrics = self.policy_updates(batch, advantages)
-        self.scheduler.step()
-        lengths = batch.completion_mask.sum(-1).float()  # (N,)
-        metrics = {
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            **reward_means,
-            "zero_std_frac": zero_std_fraction(rewards, c.group_size),
-            **update_metrics,
-            "entropy": masked_mean(batch.entropy, batch.completion_mask),
-            "completion_len_mean": lengths.mean().item(),
-            "completion_len_max": lengths.max().item(),
-            "lr": lr,
-            "step_seconds": time.perf_counter() - start,
-        }
-        metrics = mean_over_ranks(metrics)
+        metrics = MetricLog()
+        with self.own_rng(), peak_memory(self.device) as memory:
+            batch = self.sample_groups(self.sample_prompts())
+            rewards, reward_means = compute_rewards(batch.completions, batch.answers, c.reward_funcs, c.reward_weights)
+            if c.shuffle_rewards:
+                rewards = rewards[torch.randperm(rewards.numel())]
+            advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale).to(self.device)  # (N,)
+            metrics.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(), **reward_means,
+                           zero_std_frac=zero_std_fraction(rewards, c.group_size),
+                           truncated_frac=batch.truncated.float().mean().item(), lr=self.scheduler.get_last_lr()[0])
+            metrics.update(self.policy_updates(batch, advantages))
+            self.scheduler.step()
+        metrics["step_seconds"] = time.perf_counter() - start
+        if memory["peak_gib"] is not None:
+            metrics["peak_memory_gib"] = memory["peak_gib"]
+        metrics = MetricLog(mean_over_ranks(metrics))
         self.step += 1
         metrics["step"] = self.step
         self.history.append(metrics)
@@ -392,23 +510,22 @@ class GRPOTrainer:
 
     # --- evaluation
 
-    def evaluate(self) -> float:
-        """Greedy held-out accuracy: the fraction of eval prompts whose greedy completion scores
-        1 under ``accuracy_reward`` (each rank takes its share; counts summed over ranks)."""
+    def evaluate(self) -> EvalResult:
+        """Greedy held-out accuracy (``minigrpo.evaluation.evaluate`` scored by
+        ``accuracy_reward``), appended to ``evals``.  Under DDP each rank evaluates its share;
+        the counts are summed over ranks, the completions are this rank's."""
         c = self.config
-        reward = REWARD_FUNCS[c.accuracy_reward]
         mine = self.eval_examples[self.rank :: self.world_size]
-        correct = 0.0
-        for i in range(0, len(mine), c.eval_batch_size):
-            chunk = mine[i : i + c.eval_batch_size]
-            texts = greedy_completions(self.model, self.tokenizer, [ex["prompt"] for ex in chunk], c.max_new_tokens)
-            correct += sum(reward(t, ex["answer"]) == 1.0 for t, ex in zip(texts, chunk))
-        totals = torch.tensor([correct, float(len(mine))], dtype=torch.float64)
+        result = evaluate(self.model, self.tokenizer, mine, c.accuracy_reward, max_new_tokens=c.eval_tokens,
+                          batch_size=c.eval_batch_size, step=self.step)
         if self.world_size > 1:
-            dist.all_reduce(totals)
-        accuracy = (totals[0] / totals[1].clamp(min=1)).item()
-        self.evals.append({"step": self.step, "accuracy": accuracy})
-        return accuracy
+            counts = torch.tensor([result.correct, result.n, result.truncated_frac * result.n],
+                                  dtype=torch.float64, device=_dist_device())
+            dist.all_reduce(counts)
+            correct, n, truncated = counts.tolist()
+            result = dataclasses.replace(result, n=int(n), correct=int(correct), truncated_frac=truncated / max(n, 1))
+        self.evals.append(result)
+        return result
 
     # --- the loop
 
@@ -434,7 +551,7 @@ class GRPOTrainer:
             if checkpoint_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
                 self.save_checkpoint(checkpoint_dir)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{self.evals[-1]['accuracy']:.3f}")
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{self.evals[-1].accuracy:.3f}")
         bar.close()
         if checkpoint_dir:
             self.save_checkpoint(checkpoint_dir)
@@ -444,8 +561,8 @@ class GRPOTrainer:
 
     def save_checkpoint(self, directory: str | Path) -> None:
         """Parameters (and the trainer's own reference copy) as safetensors; optimizer,
-        scheduler, step, history and config in ``trainer_state.pt``; each rank's RNG states
-        (torch, python, numpy, prompt sampler) in ``rng_rank{r}.pt``."""
+        scheduler, step, history, evaluations and config in ``trainer_state.pt``; each rank's
+        random state in ``rng_rank{r}.pt``.  Everything loads with ``weights_only=True``."""
         directory = Path(directory)
         if self.rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
@@ -453,119 +570,32 @@ class GRPOTrainer:
             if self.owns_ref:
                 safetensors.torch.save_model(self.ref_model, str(directory / "ref_model.safetensors"))
             torch.save({
-                "step": self.step, "history": self.history, "evals": self.evals,
-                "config": dataclasses.asdict(self.config),
+                "step": self.step, "history": [dict(h) for h in self.history],
+                "evals": [dataclasses.asdict(e) for e in self.evals], "config": self.config.to_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             }, directory / "trainer_state.pt")
         if self.world_size > 1:
             dist.barrier()
-        rng = {"global": rng_states(), "prompt_rng": self.prompt_rng.getstate()}
-        torch.save(rng, directory / f"rng_rank{self.rank}.pt")
+        torch.save({"torch": self.rng_state, "prompts": self.prompt_rng.getstate()}, directory / f"rng_rank{self.rank}.pt")
         if self.world_size > 1:
             dist.barrier()
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; training then continues exactly."""
         directory = Path(directory)
-        safetensors.torch.load_model(self.model, str(directory / "model.safetensors"))
+        safetensors.torch.load_model(self.model, str(directory / "model.safetensors"), device=str(self.device))
         if self.owns_ref:
-            safetensors.torch.load_model(self.ref_model, str(directory / "ref_model.safetensors"))
-        state = torch.load(directory / "trainer_state.pt", weights_only=False)
+            safetensors.torch.load_model(self.ref_model, str(directory / "ref_model.safetensors"), device=str(self.device))
+        state = torch.load(directory / "trainer_state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
-        rng = torch.load(directory / f"rng_rank{self.rank}.pt", weights_only=False)
-        set_rng_states(rng["global"])
-        self.prompt_rng.setstate(rng["prompt_rng"])
+        self.step = state["step"]
+        self.history = [MetricLog(h) for h in state["history"]]
+        self.evals = [EvalResult(**e) for e in state["evals"]]
+        rng = torch.load(directory / f"rng_rank{self.rank}.pt", weights_only=True)
+        self.rng_state = rng["torch"]
+        self.prompt_rng.setstate(rng["prompts"])
 
 
 def has_checkpoint(directory: str | Path | None) -> bool:
     return directory is not None and (Path(directory) / "trainer_state.pt").exists()
-
-
-# ---------------------------------------------------------------- the warm-up (pre-training stand-in)
-
-
-@dataclass
-class WarmupConfig:
-    """Supervised warm-up of the tiny model on (possibly sloppy) arithmetic demonstrations."""
-
-    digits: int = 2
-    """operands have up to this many digits"""
-    sloppiness: float = 0.6
-    """probability that the teacher drops the carries on a carry problem (0: clean teacher);
-    0.6 leaves held-out accuracy at ~0.3-0.45 with the carries mostly wrong, yet sampled often
-    enough for the reward to find them"""
-    steps: int = 1500
-    """optimiser steps of next-token cross-entropy on the answers"""
-    batch_size: int = 64
-    """demonstrations per step"""
-    lr: float = 1e-3
-    """peak AdamW learning rate, cosine-decayed to 0"""
-    model: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
-    """the tiny model's shape"""
-    seed: int = 0
-    """seeds initialisation, data and batch order"""
-
-
-def supervised_loss(model, tokenizer, batch: list[dict[str, str]]) -> torch.Tensor:
-    """Mean −log π(answer tokens, EOS | prompt) over the batch's answer tokens."""
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [ex["prompt"] for ex in batch])  # (B, L)
-    eos = [tokenizer.eos_token_id]
-    answers = [tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + eos for ex in batch]
-    T = max(len(a) for a in answers)
-    completion_ids = torch.tensor([a + [tokenizer.pad_token_id] * (T - len(a)) for a in answers])  # (B, T)
-    mask = torch.tensor([[1] * len(a) + [0] * (T - len(a)) for a in answers])  # (B, T)
-    logprobs, _ = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, mask)  # (B, T)
-    return -(logprobs * mask).sum() / mask.sum()
-
-
-def supervised_warmup(model, tokenizer, config: WarmupConfig, progress: bool = True) -> list[float]:
-    """Train ``model`` on the teacher's demonstrations; returns the loss per step."""
-    examples = warmup_examples(config.steps * config.batch_size, config.digits, config.sloppiness, config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / config.steps))
-    )
-    losses = []
-    for step in tqdm(range(config.steps), desc="warm-up", disable=not progress):
-        batch = examples[step * config.batch_size : (step + 1) * config.batch_size]
-        loss = supervised_loss(model, tokenizer, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
-
-
-def warmup_key(config: WarmupConfig) -> str:
-    """A short hash of the warm-up config: the cache folder's name."""
-    text = json.dumps(dataclasses.asdict(config), sort_keys=True)
-    return "warmup-" + hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def warmup_model(config: WarmupConfig, cache_dir: str | Path | None = None, progress: bool = True):
-    """``(model, tokenizer, info)`` after the supervised warm-up; ``info`` holds ``sft_seconds``
-    and ``losses``.  With ``cache_dir`` the result is saved under a folder named by the config's
-    hash and loaded from there next time, with the same ``info`` (the seconds of the original run)."""
-    folder = Path(cache_dir) / warmup_key(config) if cache_dir is not None else None
-    if folder is not None and (folder / "warmup.json").exists():
-        model, tokenizer = load_tiny(folder)
-        return model, tokenizer, json.loads((folder / "warmup.json").read_text())
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, config.model, seed=config.seed)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        losses = supervised_warmup(model, tokenizer, config, progress)
-    info = {
-        "sft_seconds": time.perf_counter() - start,
-        "sft_cpu_seconds": time.process_time() - cpu_start,  # all threads; unaffected by other processes
-        "losses": losses,
-        "config": dataclasses.asdict(config),
-    }
-    if folder is not None:
-        save_tiny(model, tokenizer, folder)
-        (folder / "warmup.json").write_text(json.dumps(info))
-    return model, tokenizer, info

@@ -46,8 +46,11 @@ def test_cli_overrides_reach_the_configs():
                                       "lr_schedule=cosine", "--warmup-set", "sloppiness=0.3"])
     warmup, config = arithmetic_configs(args)
     assert config.beta == 0 and config.lr_schedule == "cosine" and warmup.sloppiness == 0.3
-    with pytest.raises(SystemExit):
-        arithmetic_configs(build_parser().parse_args(["arithmetic", "--out", "x", "--set", "nope=1"]))
+    for bad in ("nope=1", "reward_weights=(1.0,", "steps=1.5", "lr=fast", "reward_funcs=len"):
+        with pytest.raises(SystemExit):  # unknown name, a typo'd tuple, wrong types, a callable
+            arithmetic_configs(build_parser().parse_args(["arithmetic", "--out", "x", "--set", bad]))
+    args = build_parser().parse_args(["arithmetic", "--out", "x", "--set", "lr=1", "--set", "eps_high=None"])
+    assert arithmetic_configs(args)[1].eps_high is None
 
 
 def test_cli_help_lists_the_options(capsys):

@@ -1,6 +1,6 @@
 """The arithmetic task, the sloppy teacher and GSM8K loading (offline, on a fixture)."""
 
-from pathlib import Path
+from minigrpo.gsm8k import FIXTURE_DIR
 
 import pytest
 
@@ -18,7 +18,7 @@ from minigrpo.data import (
 )
 from minigrpo.tiny import build_tokenizer
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
+FIXTURE = FIXTURE_DIR / "train.jsonl"  # the package's own GSM8K-format fixture
 
 
 def unordered(examples):
@@ -78,11 +78,11 @@ def test_sloppiness_is_checked():
 
 def test_gsm8k_fixture_loads_like_the_hub_dataset():
     dataset = load_gsm8k(path=FIXTURE)
-    assert len(dataset) == 12
+    assert len(dataset) == 8
     assert set(dataset.column_names) == {"question", "answer"}
     golds = [gsm8k_gold(a) for a in dataset["answer"]]
-    assert golds[:2] == ["19", "36"]
-    assert "1080" in golds  # "#### 1,080": separators removed
+    assert golds[:2] == ["7", "30"]
+    assert gsm8k_gold("so 1,000 + 80\n#### 1,080") == "1080"  # separators removed
 
 
 def test_gsm8k_gold_needs_the_marker():
@@ -99,7 +99,7 @@ def test_gsm8k_chat_prompt_asks_for_a_boxed_answer():
     )
     examples = gsm8k_examples(load_gsm8k(path=FIXTURE), tokenizer)
     prompt = examples[0]["prompt"]
-    assert prompt.startswith("<|user|>A baker fills")
+    assert prompt.startswith("<|user|>Tom has 3 apples")
     assert "\\boxed{}" in prompt and prompt.endswith("<|assistant|>")
-    assert examples[0]["answer"] == "19"
+    assert examples[0]["answer"] == "7"
     assert gsm8k_prompt(tokenizer, "What is 2+2?").count("<|user|>") == 1

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_ranks_end_with_identical_parameters(tmp_path):
     out = tmp_path / "ddp.json"

@@ -84,12 +84,16 @@ def test_small_qwen_architecture_runs_and_trains_with_lora_and_checkpointing():
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_dtype_rule():
+@pytest.mark.parametrize("capability, lora_dtype", [((7, 5), torch.float32), ((8, 0), torch.bfloat16),
+                                                     ((9, 0), torch.bfloat16)])
+def test_dtype_rule(monkeypatch, capability, lora_dtype):
+    """bf16 only where the GPU has it natively (compute ≥ 8.0); a T4 (7.5), whose
+    is_bf16_supported() says True by emulation, trains in float32; full fine-tuning always float32."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert models.choose_dtype("cpu", lora=True) == torch.float32
-    assert models.choose_dtype("cpu", lora=False) == torch.float32
-    if torch.cuda.is_available():
-        assert models.choose_dtype("cuda", lora=False) == torch.float32
-        assert models.choose_dtype("cuda", lora=True) in (torch.bfloat16, torch.float16)
+    assert models.choose_dtype("cuda", lora=False) == torch.float32
+    assert models.choose_dtype("cuda", lora=True) == lora_dtype
 
 
 def test_bad_arguments_are_value_errors():

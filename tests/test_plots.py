@@ -10,6 +10,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from minigrpo import plots  # noqa: E402
+from minigrpo.trainer import METRICS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +42,7 @@ def test_plot_history_and_runs():
     fig = plots.plot_history(history, ["reward_mean", "kl", "entropy"])
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert len(visible) == 3
-    assert visible[0].get_ylabel() == plots.METRIC_LABELS["reward_mean"]
+    assert visible[0].get_ylabel() == METRICS["reward_mean"]
     fig = plots.plot_runs({"a": history, "b": history[:3]}, ["reward_mean"])
     assert fig.axes[0].get_legend() is not None
 

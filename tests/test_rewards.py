@@ -17,6 +17,16 @@ from minigrpo.rewards import correctness_reward, exact_match_reward, extract_ans
 HANG_BOUND_S = 30.0  # "returns at all": a call overrunning the worker's timeout is killed at 5 s
 
 
+@pytest.fixture
+def verdicts_not_fallbacks(caplog):
+    """correctness_reward scores 0 when anything inside it fails (a reward must never take the
+    loop down), which would make a test expecting 0 pass for the wrong reason: fail the test if
+    the fallback logged anything."""
+    yield
+    swallowed = [r.getMessage() for r in caplog.records if r.name == rewards.logger.name]
+    assert not swallowed, swallowed
+
+
 # ----------------------------------------------------------------------------- extraction
 
 
@@ -78,6 +88,7 @@ def test_extraction_order():
         (r"\boxed{\sqrt{2}}", r"\sqrt{2}"),
     ],
 )
+@pytest.mark.usefixtures("verdicts_not_fallbacks")
 def test_correct_answers_score_one(completion, answer):
     assert correctness_reward(completion, answer) == 1.0
 
@@ -97,6 +108,7 @@ def test_correct_answers_score_one(completion, answer):
         (r"\boxed{5}", ""),
     ],
 )
+@pytest.mark.usefixtures("verdicts_not_fallbacks")
 def test_wrong_or_missing_answers_score_zero(completion, answer):
     assert correctness_reward(completion, answer) == 0.0
 

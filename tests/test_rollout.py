@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from minigrpo.logprobs import token_logprobs
-from minigrpo.rollout import completion_logprobs, completion_mask, decode_completions, greedy_completions, position_ids_from_mask, rollout
+from minigrpo.rollout import (
+    completion_logprobs,
+    completion_mask,
+    decode_completions,
+    eos_token_ids,
+    greedy_completions,
+    position_ids_from_mask,
+    rollout,
+    sample_completions,
+    tokenize_prompts,
+)
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 
 
@@ -29,6 +39,7 @@ def test_completion_mask_ends_at_and_includes_the_first_eos():
     ids = torch.tensor([[5, 6, eos, 0, 0], [eos, 0, 0, 0, 0], [5, 6, 7, 8, 9], [5, eos, 7, eos, 0]])
     expected = [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert completion_mask(ids, eos).tolist() == expected
+    assert completion_mask(ids, [eos, 7]).tolist()[3] == [1, 1, 0, 0, 0]  # any of several EOS ids
 
 
 def test_position_ids_start_at_the_first_real_token():
@@ -43,9 +54,9 @@ def test_rollout_shapes_masks_and_groups():
     batch = rollout(model, tokenizer, EXAMPLES, group_size=G, max_new_tokens=6)
     N, T = batch.completion_ids.shape
     assert N == len(EXAMPLES) * G and T <= 6
-    for name in ("completion_mask", "old_logprobs", "entropy"):
+    for name in ("completion_mask", "old_logprobs"):
         assert getattr(batch, name).shape == (N, T)
-    assert batch.ref_logprobs is None
+    assert batch.ref_logprobs is None and batch.truncated.shape == (N,)
     # groups are consecutive: rows i*G ... i*G+G-1 share prompt i
     for i, ex in enumerate(EXAMPLES):
         prompts = {tokenizer.decode(p[m.bool()], skip_special_tokens=True) for p, m in zip(
@@ -59,19 +70,22 @@ def test_rollout_shapes_masks_and_groups():
         assert mask[:n].all() and not mask[n:].any()
         assert (ids[: n - 1] != eos).all()
         assert ids[n - 1] == eos or n == T
+    assert batch.truncated.tolist() == [bool((ids != eos).all()) for ids in batch.completion_ids]
     # log-probs are zero-free on completion tokens, finite everywhere, ≤ 0
     assert torch.isfinite(batch.old_logprobs).all() and (batch.old_logprobs <= 0).all()
     assert batch.completions == decode_completions(tokenizer, batch.completion_ids, batch.completion_mask)
 
 
+@pytest.mark.parametrize("rows_per_pass", [None, 2])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
-def test_rollout_logprobs_equal_a_direct_computation(temperature):
-    """Old and reference log-probs are log softmax(logits / τ): the distribution sampled from."""
+def test_rollout_logprobs_equal_a_direct_computation(temperature, rows_per_pass):
+    """Old and reference log-probs are log softmax(logits / τ): the distribution sampled from,
+    scored all at once or a few rows per pass."""
     model, tokenizer = small_world()
     ref, _ = small_world(seed=1)
     torch.manual_seed(1)
     batch = rollout(model, tokenizer, EXAMPLES, group_size=3, max_new_tokens=5, ref_model=ref,
-                    temperature=temperature)
+                    temperature=temperature, rows_per_pass=rows_per_pass)
     for i in range(batch.completion_ids.shape[0]):  # one unpadded sequence at a time
         prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
         completion = batch.completion_ids[i][batch.completion_mask[i].bool()]
@@ -100,8 +114,51 @@ def test_rollout_is_reproducible_under_a_seed():
     assert torch.equal(a.completion_ids, b.completion_ids)
 
 
-def test_greedy_completions_match_greedy_decoding_by_hand():
+def hostile(model):
+    """A checkpoint whose generation_config would change what is sampled if it were inherited."""
+    config = model.generation_config
+    config.do_sample, config.temperature, config.top_k, config.top_p = True, 0.3, 2, 0.5
+    config.repetition_penalty, config.no_repeat_ngram_size = 5.0, 1
+    config.min_new_tokens, config.suppress_tokens = 3, [4]
+    return model
+
+
+def test_samples_follow_softmax_over_temperature_whatever_the_generation_config():
+    """First-token frequencies over 4,000 samples match softmax(logits / τ) (4σ ≤ 0.03), though
+    the checkpoint asks for top-k 2, a repetition penalty, an n-gram ban and suppressed tokens."""
     model, tokenizer = small_world()
+    config = hostile(model).generation_config
+    tau, n = 1.3, 4000
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2="])
+    torch.manual_seed(0)
+    ids, _, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=n,
+                                   temperature=tau, max_new_tokens=1)
+    frequencies = torch.bincount(ids[:, 0], minlength=len(tokenizer)) / n
+    with torch.no_grad():
+        expected = torch.softmax(model(input_ids=prompt_ids).logits[0, -1] / tau, -1)
+    assert (frequencies - expected).abs().max() < 0.03
+    assert (frequencies > 0).sum() > 2  # top-k 2 was not applied
+    assert model.generation_config is config  # the checkpoint's own config is back
+
+
+def test_generation_stops_on_every_declared_eos():
+    model, tokenizer = small_world()
+    plus = tokenizer.convert_tokens_to_ids("+")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, plus]
+    assert eos_token_ids(model, tokenizer) == sorted([tokenizer.eos_token_id, plus])
+    torch.manual_seed(0)
+    batch = rollout(model, tokenizer, EXAMPLES, group_size=8, max_new_tokens=8, temperature=2.0)
+    ends = [int(m.sum()) for m in batch.completion_mask]
+    for ids, n in zip(batch.completion_ids.tolist(), ends):
+        assert not {tokenizer.eos_token_id, plus} & set(ids[: n - 1])
+    assert any(ids[n - 1] == plus for ids, n in zip(batch.completion_ids.tolist(), ends))
+
+
+def test_greedy_completions_match_greedy_decoding_by_hand():
+    """Batched, left-padded greedy decoding equals arg-max decoding of each prompt alone, even
+    with a hostile generation_config on the checkpoint."""
+    model, tokenizer = small_world()
+    hostile(model)
     texts = greedy_completions(model, tokenizer, [ex["prompt"] for ex in EXAMPLES], max_new_tokens=4)
     for text, ex in zip(texts, EXAMPLES):
         ids = tokenizer(ex["prompt"], return_tensors="pt")["input_ids"]

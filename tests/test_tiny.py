@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from minigrpo.tiny import VOCAB, build_model, build_tokenizer, count_parameters, load_tiny, save_tiny
+from minigrpo.models import count_parameters
+from minigrpo.tiny import VOCAB, build_model, build_tokenizer, load_tiny, save_tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +30,7 @@ def test_tokenizer_pads_left():
 def test_model_size_and_seeded_init():
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=3)
-    assert 1.0e6 < count_parameters(model) < 1.1e6
+    assert 1.0e6 < count_parameters(model)[1] < 1.1e6
     assert model.config.tie_word_embeddings
     again = build_model(tokenizer, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))

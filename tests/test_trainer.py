@@ -1,36 +1,32 @@
-"""The GRPO trainer at tiny settings: a step trains, metrics are recorded, resume is exact."""
+"""The GRPO trainer at tiny settings: a step trains, metrics are recorded once each, choices are
+checked when the config is built, resume is exact, the global RNGs are left alone."""
 
 import dataclasses
+import inspect
+import math
 
 import pytest
 import torch
 
+from minigrpo import models
+from minigrpo.arithmetic import WarmupConfig, supervised_loss, warmup_model
 from minigrpo.data import arithmetic_examples
+from minigrpo.evaluation import EvalResult
+from minigrpo.rewards import exact_match_reward, format_reward
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 from minigrpo.trainer import (
-    REWARD_FUNCS,
+    METRICS,
     GRPOConfig,
     GRPOTrainer,
-    WarmupConfig,
+    MetricLog,
     compute_rewards,
     lr_lambda,
+    metric_label,
     params_sha256,
-    warmup_model,
     zero_std_fraction,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-TINY = dict(prompts_per_step=4, group_size=4, eval_size=16, eval_every=5, max_new_tokens=4,
-            reward_funcs=("has_a_one",), temperature=1.5)
-HISTORY_KEYS = {
-    "step", "reward_mean", "reward_std", "reward_has_a_one", "zero_std_frac", "loss", "policy_loss",
-    "kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean", "completion_len_mean",
-    "completion_len_max", "grad_norm", "lr", "step_seconds",
-}
 
 
 def has_a_one(completion: str, answer: str) -> float:
@@ -38,14 +34,21 @@ def has_a_one(completion: str, answer: str) -> float:
     return float("1" in completion)
 
 
-@pytest.fixture(autouse=True)
-def easy_reward(monkeypatch):
-    monkeypatch.setitem(REWARD_FUNCS, "has_a_one", has_a_one)
+SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+TINY = dict(prompts_per_step=4, group_size=4, eval_size=16, eval_every=5, max_new_tokens=4,
+            reward_funcs=(has_a_one,), temperature=1.5)
+HISTORY_KEYS = {
+    "step", "reward_mean", "reward_std", "reward_has_a_one", "zero_std_frac", "truncated_frac", "loss",
+    "policy_loss", "kl", "kl_token_mean", "entropy", "entropy_token_mean", "clip_frac_low", "clip_frac_high",
+    "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "advantages_abs_mean", "zero_advantage_frac",
+    "completion_tokens_mean", "grad_norm", "lr",
+    "step_seconds",
+}
 
 
-def make_trainer(**overrides):
+def make_trainer(model=None, **overrides):
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, SMALL, seed=0)
+    model = model if model is not None else build_model(tokenizer, SMALL, seed=0)
     config = GRPOConfig(**{**TINY, **overrides})
     train = arithmetic_examples(1, held_out=False)
     held_out = arithmetic_examples(1, held_out=True)
@@ -53,35 +56,64 @@ def make_trainer(**overrides):
 
 
 def test_every_config_field_is_documented():
-    import inspect
-
     source = inspect.getsource(GRPOConfig)
     for field in dataclasses.fields(GRPOConfig):
         after = source.split(f"    {field.name}:", 1)[1].split("\n", 2)[1]
         assert after.strip().startswith('"""'), field.name
 
 
-def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="reward_weights"):
-        GRPOConfig(reward_funcs=("exact_match",), reward_weights=(1.0, 2.0))
-    with pytest.raises(ValueError, match="unknown reward"):
-        GRPOConfig(reward_funcs=("nope",))
-    with pytest.raises(ValueError, match="group_size"):
-        GRPOConfig(group_size=0)
+@pytest.mark.parametrize("overrides, name", [
+    (dict(reward_weights=(1.0, 2.0)), "reward_weights"),
+    (dict(reward_funcs=("exact_match",)), "callables"),
+    (dict(reward_weights=(math.nan,)), "reward_weights"),
+    (dict(group_size=0), "group_size"),
+    (dict(loss_type="bnpo"), "loss_type"),
+    (dict(ratio_level="seq"), "ratio_level"),
+    (dict(kl_estimator="k4"), "kl_estimator"),
+    (dict(advantage_scale="std"), "advantage_scale"),
+    (dict(lr_schedule="step"), "lr_schedule"),
+    (dict(beta=-0.1), "beta"),
+    (dict(eps_low=1.0), "eps_low"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(lr=0), "lr"),
+    (dict(steps=2.5), "steps"),
+    (dict(max_grad_norm=math.inf), "max_grad_norm"),
+    (dict(eval_max_new_tokens=0), "eval_max_new_tokens"),
+])
+def test_config_rejects_bad_values_when_built(overrides, name):
+    with pytest.raises(ValueError, match=name):
+        GRPOConfig(**overrides)
+
+
+def test_config_to_dict_names_the_reward_functions():
+    values = GRPOConfig(reward_funcs=(exact_match_reward, format_reward), reward_weights=(1, 0.5)).to_dict()
+    assert values["reward_funcs"] == ["exact_match_reward", "format_reward"]
+    assert values["accuracy_reward"] == "exact_match_reward"
 
 
 def test_weighted_rewards_and_zero_variance_groups():
-    config = GRPOConfig(reward_funcs=("exact_match", "format"), reward_weights=(1.0, 0.5))
-    rewards, means = compute_rewards(["12", "\\boxed{3}", "7", "7"], ["12", "3", "8", "7"], config)
+    rewards, means = compute_rewards(["12", "\\boxed{3}", "7", "7"], ["12", "3", "8", "7"],
+                                     (exact_match_reward, format_reward), (1.0, 0.5))
     assert rewards.tolist() == [1.0, 0.5, 0.0, 1.0]
-    assert means == {"reward_exact_match": 0.5, "reward_format": 0.25}
+    assert means == {"reward_exact_match_reward": 0.5, "reward_format_reward": 0.25}
     assert zero_std_fraction(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2) == 0.5
 
 
-def test_lr_schedule_warms_up_and_decays():
+def test_lr_schedules_warm_up_and_decay():
     f = lr_lambda(GRPOConfig(steps=10, warmup_steps=2, lr_schedule="linear"))
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    f = lr_lambda(GRPOConfig(steps=10, warmup_steps=2, lr_schedule="cosine"))
+    assert [round(f(s), 3) for s in (0, 2, 6, 10, 12)] == [0.5, 1.0, 0.5, 0.0, 0.0]
     assert lr_lambda(GRPOConfig(steps=10))(7) == 1.0
+
+
+def test_a_metric_is_written_once_and_has_a_label():
+    log = MetricLog(loss=1.0)
+    with pytest.raises(KeyError, match="twice"):
+        log["loss"] = 2.0
+    with pytest.raises(KeyError):
+        log["no_such_metric"] = 0.0
+    assert metric_label("reward_format_reward") == "mean format_reward reward"
 
 
 def test_one_step_changes_parameters_and_records_metrics():
@@ -89,48 +121,42 @@ def test_one_step_changes_parameters_and_records_metrics():
     before = [p.detach().clone() for p in trainer.model.parameters()]
     metrics = trainer.train_step()
     assert metrics["reward_std"] > 0 and metrics["grad_norm"] > 0
-    assert HISTORY_KEYS <= set(metrics)
+    assert set(metrics) == HISTORY_KEYS
+    assert all(metric_label(key) for key in metrics)  # every key has its one label
     assert trainer.history == [metrics] and metrics["step"] == 1
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # β > 0: kl is a float
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
-    assert metrics["ratio_mean"] == pytest.approx(1.0)  # μ = 1: ρ ≡ 1, at τ = 1.5 too
+    assert metrics["ratio_mean"] == metrics["ratio_min"] == metrics["ratio_max"] == pytest.approx(1.0)
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # π_ref = π_θ before the update
+    assert 0.0 <= metrics["truncated_frac"] <= 1.0
+
+
+def test_the_trainer_leaves_the_global_rngs_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    trainer = make_trainer(steps=2, lr=1e-2)
+    trainer.train(progress=False)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_several_updates_and_minibatches_move_the_ratio():
     trainer = make_trainer(steps=2, num_updates=2, num_minibatches=2, lr=1e-2, beta=0.0)
     trainer.train(progress=False)
-    assert len(trainer.history) == 2 and [e["step"] for e in trainer.evals] == [0, 2]
+    assert len(trainer.history) == 2 and [e.step for e in trainer.evals] == [0, 2]
     assert trainer.history[-1]["kl"] is None  # β = 0: no reference model
-    assert any(h["ratio_mean"] != 1.0 for h in trainer.history)  # later mini-batches see ρ ≠ 1
+    h = trainer.history[-1]
+    assert h["ratio_min"] < h["ratio_mean"] < h["ratio_max"]  # later mini-batches see ρ ≠ 1
+    assert h["ratio_min"] <= min(r["ratio_min"] for r in trainer.history)  # a min, not a mean of minima
 
 
-def test_resume_is_exact(tmp_path):
-    config = dict(steps=8, lr=3e-3, beta=0.04, lr_schedule="cosine", warmup_steps=2, temperature=1.5)
-    straight = make_trainer(**config)
-    straight.train(progress=False)
-
-    first = make_trainer(**config)
-    first.train(until=4, checkpoint_dir=tmp_path, progress=False)
-    resumed = make_trainer(**config)
-    resumed.load_checkpoint(tmp_path)
-    assert resumed.step == 4
-    resumed.train(progress=False)
-
-    assert params_sha256(resumed.model) == params_sha256(straight.model)
-    assert params_sha256(first.model) != params_sha256(straight.model)  # it did train after step 4
-    strip = lambda h: [{k: v for k, v in m.items() if k != "step_seconds"} for m in h]  # noqa: E731
-    assert strip(resumed.history) == strip(straight.history)
-    assert resumed.evals == straight.evals
-
-
-def test_warmup_cache_returns_the_same_model_and_info(tmp_path):
-    config = WarmupConfig(steps=3, batch_size=8, model=SMALL, seed=5)
-    model, _, info = warmup_model(config, cache_dir=tmp_path, progress=False)
-    cached, tokenizer, cached_info = warmup_model(config, cache_dir=tmp_path, progress=False)
-    assert params_sha256(model) == params_sha256(cached)
-    assert cached_info == info and len(info["losses"]) == 3
-    assert tokenizer.decode(tokenizer("1+2=")["input_ids"], skip_special_tokens=True) == "1+2="
+@pytest.mark.parametrize("scale", ["batch", "none"])
+def test_advantage_scale_reaches_the_loss(scale):
+    """Same rollout, different Â: "none" leaves Â = r − mean, so |Â| ≤ 1 for 0/1 rewards."""
+    h = make_trainer(steps=1, lr=1e-2, advantage_scale=scale).train_step()
+    default = make_trainer(steps=1, lr=1e-2).train_step()
+    assert h["reward_mean"] == default["reward_mean"]  # same samples
+    assert h["advantages_abs_mean"] != default["advantages_abs_mean"]
 
 
 def test_a_single_update_takes_old_logprobs_from_its_own_pass(monkeypatch):
@@ -145,3 +171,76 @@ def test_a_single_update_takes_old_logprobs_from_its_own_pass(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for key in ("loss", "kl", "entropy", "ratio_mean", "reward_mean"):
         assert fast_metrics[key] == pytest.approx(slow_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def test_resume_is_exact_and_checkpoints_load_with_weights_only(tmp_path):
+    config = dict(steps=8, lr=3e-3, beta=0.04, lr_schedule="cosine", warmup_steps=2)
+    straight = make_trainer(**config)
+    straight.train(progress=False)
+
+    first = make_trainer(**config)
+    first.train(until=4, checkpoint_dir=tmp_path, progress=False)
+    for name in ("trainer_state.pt", "rng_rank0.pt"):
+        torch.load(tmp_path / name, weights_only=True)  # nothing in it can run code
+    resumed = make_trainer(**config)
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.step == 4 and isinstance(resumed.evals[0], EvalResult)
+    resumed.train(progress=False)
+
+    assert params_sha256(resumed.model) == params_sha256(straight.model)
+    assert params_sha256(first.model) != params_sha256(straight.model)  # it did train after step 4
+    strip = lambda h: [{k: v for k, v in m.items() if k != "step_seconds"} for m in h]  # noqa: E731
+    assert strip(resumed.history) == strip(straight.history)
+    assert resumed.evals == straight.evals
+
+
+def test_lora_policy_checkpoints_and_resumes(tmp_path):
+    """A LoRA policy: the reference is the adapter-disabled view (nothing of its own saved),
+    and the adapter's weights come back from the checkpoint."""
+    def lora_trainer():
+        tokenizer = build_tokenizer()
+        base = models.random_model(models.qwen25_05b_config(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id))
+        return make_trainer(models.prepare_for_training(base, lora_rank=2), steps=2, lr=1e-2)
+
+    trainer = lora_trainer()
+    assert not trainer.owns_ref and isinstance(trainer.ref_model, models.AdapterDisabled)
+    trainer.train(checkpoint_dir=tmp_path, progress=False)
+    assert not (tmp_path / "ref_model.safetensors").exists()
+    restored = lora_trainer()
+    restored.load_checkpoint(tmp_path)
+    assert params_sha256(restored.model) == params_sha256(trainer.model)
+    assert restored.step == 2
+
+
+def test_supervised_loss_is_the_answer_tokens_mean_nll():
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, SMALL, seed=0)
+    batch = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "45+67=", "completion": "112"}]
+    loss = supervised_loss(model, tokenizer, batch)
+    nll = []
+    with torch.no_grad():
+        for ex in batch:  # one unpadded sequence at a time
+            prompt = tokenizer(ex["prompt"])["input_ids"]
+            answer = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+            nll += (-torch.log_softmax(logits, -1)[range(len(answer)), answer]).tolist()
+    assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-5)  # 2 + 4 answer tokens
+
+
+def test_warmup_cache_returns_the_same_model_and_info(tmp_path):
+    config = WarmupConfig(steps=3, batch_size=8, model=SMALL, seed=5)
+    model, _, info = warmup_model(config, cache_dir=tmp_path, progress=False)
+    cached, tokenizer, cached_info = warmup_model(config, cache_dir=tmp_path, progress=False)
+    assert params_sha256(model) == params_sha256(cached)
+    assert not info.pop("cached") and cached_info.pop("cached")
+    assert cached_info == info and len(info["losses"]) == 3
+    assert tokenizer.decode(tokenizer("1+2=")["input_ids"], skip_special_tokens=True) == "1+2="
+
+
+def test_metric_labels_cover_the_loss_metrics():
+    from minigrpo.losses import loss_metrics
+
+    m = torch.ones(2, 3, dtype=torch.bool)
+    assert set(loss_metrics(torch.ones(2, 3), torch.zeros(2), m, 0.2, 0.2)) <= set(METRICS)

@@ -9,8 +9,12 @@ the current ones so that clipping bites, reference log-probs for the KL term) go
     minigrpo: model logits / τ -> token_logprobs -> grpo_loss
 
 and both losses, the gradients of every model parameter, and the logged KL and clip fractions
-must agree, for every TRL loss type minigrpo shares, β = 0 and β > 0, token and sequence (GSPO)
-ratios, and ε_high = ε_low or ε_high > ε_low.  Run: ``pytest tests/test_trl_equivalence.py``.
+must agree, for every minigrpo loss type, β = 0 and β > 0, token and sequence (GSPO) ratios,
+and ε_high = ε_low or ε_high > ε_low.  TRL's settings come from minigrpo's own translation,
+``minigrpo.trainer.trl_grpo_kwargs``, so the test checks that too; minigrpo's log-probs come
+from ``minigrpo.rollout.completion_logprobs``, the trainer's own forward pass.  TRL's "dapo",
+which at one micro-batch per generation is the same token mean as its "bnpo", is checked
+against minigrpo's "dapo" as well.  Run: ``pytest tests/test_trl_equivalence.py``.
 
 How TRL 1.16 aggregates (``GRPOTrainer._compute_loss``; B sequences, mask m, per-token loss x
 that already includes β·k3 KL; one process, no gradient accumulation):
@@ -44,7 +48,8 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")]
 
 import datasets  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
@@ -52,6 +57,9 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import minigrpo as mg  # noqa: E402
+from minigrpo.rollout import completion_logprobs  # noqa: E402
+from minigrpo.trainer import GRPOConfig as MinigrpoConfig  # noqa: E402
+from minigrpo.trainer import trl_grpo_kwargs  # noqa: E402
 
 SYMBOLS = ["<pad>", "<eos>", "<unk>", *"0123456789+="]
 GROUP_SIZE = 3  # G completions per prompt
@@ -65,19 +73,24 @@ REWARDS = [1.0, 0.0, 0.5, 0.2, 0.9, 0.0]
 TEMPERATURE = 0.7
 EPS_LOW = 0.2
 
-# TRL loss_type -> minigrpo loss_type (see the module docstring for what each divides by)
-LOSS_TYPES = {"grpo": "grpo", "bnpo": "dapo", "dapo": "dapo", "dr_grpo": "dr_grpo"}
 CONFIGS = [
-    dict(loss_type=loss_type, beta=beta, level=level, eps_high=eps_high)
+    dict(loss_type=loss_type, beta=beta, ratio_level=level, eps_high=eps_high)
     for loss_type, beta, level, eps_high in itertools.product(
-        LOSS_TYPES, [0.0, 0.04], ["token", "sequence"], [None, 0.28]
+        mg.losses.LOSS_TYPES, [0.0, 0.04], ["token", "sequence"], [None, 0.28]
     )
-]
+] + [dict(loss_type="dapo", beta=beta, ratio_level="token", eps_high=None, trl_loss_type="dapo") for beta in (0.0, 0.04)]
 
 
 def _config_id(config: dict) -> str:
     eps = "sym" if config["eps_high"] is None else f"eh{config['eps_high']}"
-    return f"{config['loss_type']}-beta{config['beta']}-{config['level']}-{eps}"
+    trl = f"-trl_{config['trl_loss_type']}" if "trl_loss_type" in config else ""
+    return f"{config['loss_type']}{trl}-beta{config['beta']}-{config['ratio_level']}-{eps}"
+
+
+def _minigrpo_config(config: dict) -> MinigrpoConfig:
+    options = {k: v for k, v in config.items() if k != "trl_loss_type"}
+    return MinigrpoConfig(prompts_per_step=PROMPTS, group_size=GROUP_SIZE, max_new_tokens=MAX_COMPLETION_LENGTH,
+                          temperature=TEMPERATURE, eps_low=EPS_LOW, **options)
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -121,22 +134,9 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _trainer(model_dir: str, config: dict, output_dir: str) -> GRPOTrainer:
-    args = GRPOConfig(
-        output_dir=output_dir,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=N,
-        num_generations=GROUP_SIZE,
-        max_completion_length=MAX_COMPLETION_LENGTH,
-        temperature=TEMPERATURE,
-        loss_type=config["loss_type"],
-        beta=config["beta"],
-        use_bias_correction_kl=False,
-        epsilon=EPS_LOW,
-        epsilon_high=config["eps_high"],
-        importance_sampling_level=config["level"],
-    )
+    kwargs = trl_grpo_kwargs(_minigrpo_config(config))
+    kwargs["loss_type"] = config.get("trl_loss_type", kwargs["loss_type"])
+    args = GRPOConfig(output_dir=output_dir, report_to=[], use_cpu=True, bf16=False, **kwargs)
     trainer = GRPOTrainer(
         model=model_dir,
         reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
@@ -150,15 +150,10 @@ def _trainer(model_dir: str, config: dict, output_dir: str) -> GRPOTrainer:
 
 
 def _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """minigrpo's side: log π(o_t | q, o_<t) under the sampling law softmax(logits / τ), [N, T].
-
-    The trainer has patched ``model.forward`` with its fused LM head; without
-    ``fused_lm_head=True`` the call runs the model's own forward and returns logits."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, P + T, V)
-    logits = logits[:, PROMPT_LEN - 1 : -1] / TEMPERATURE  # (N, T): position t predicts o_t
-    return mg.token_logprobs(logits, completion_ids)
+    """minigrpo's side: log π(o_t | q, o_<t) under the sampling law softmax(logits / τ), [N, T],
+    from the trainer's own forward pass.  The TRL trainer has patched ``model.forward`` with its
+    fused LM head; without ``fused_lm_head=True`` the call runs the model's own forward."""
+    return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, TEMPERATURE)[0]
 
 
 def _batch(model) -> dict:
@@ -216,18 +211,19 @@ def _minigrpo_side(model, inputs: dict, config: dict):
     """minigrpo's ``grpo_loss`` on the same model and batch, with TRL's settings mapped over."""
     keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
     logprobs = _completion_logprobs(model, *(inputs[key] for key in keys))
+    c = _minigrpo_config(config)
     out = mg.grpo_loss(
         logprobs,
         inputs["old_per_token_logps"],
         inputs["advantages"],
         inputs["completion_mask"].float(),
-        ref_logprobs=inputs["ref_per_token_logps"] if config["beta"] > 0 else None,
-        beta=config["beta"],
-        eps_low=EPS_LOW,
-        eps_high=config["eps_high"],
-        loss_type=LOSS_TYPES[config["loss_type"]],
-        ratio_level=config["level"],
-        max_len=MAX_COMPLETION_LENGTH if config["loss_type"] == "dr_grpo" else None,
+        ref_logprobs=inputs["ref_per_token_logps"] if c.beta > 0 else None,
+        beta=c.beta,
+        eps_low=c.eps_low,
+        eps_high=c.eps_high,
+        loss_type=c.loss_type,
+        ratio_level=c.ratio_level,
+        max_len=c.max_new_tokens,  # as the trainer passes it
     )
     out.loss.backward()
     return out, _gradients(model)
@@ -287,7 +283,22 @@ def test_same_metrics(both):
     level only."""
     trl_metrics, mg_metrics = both["trl_metrics"], both["mg_out"].metrics
     pairs = {"kl": "kl_token_mean"} if both["config"]["beta"] > 0 else {}
-    if both["config"]["level"] == "token":
+    if both["config"]["ratio_level"] == "token":
         pairs.update(CLIP_METRICS)
     for trl_key, mg_key in pairs.items():
         assert mg_metrics[mg_key] == pytest.approx(trl_metrics[trl_key], rel=1e-5, abs=1e-7), trl_key
+
+
+def test_the_translation_builds_the_same_schedule_in_trl(tmp_path):
+    """``trl_grpo_kwargs`` through TRL's own ``GRPOConfig``: one rollout of P·G completions,
+    ``num_minibatches`` optimiser steps on it, μ passes, the schedule in optimiser steps."""
+    c = MinigrpoConfig(num_updates=2, num_minibatches=4, warmup_steps=3, lr_schedule="cosine",
+                       eps_high=0.28, loss_type="dapo")
+    args = GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **trl_grpo_kwargs(c))
+    assert args.generation_batch_size == c.prompts_per_step * c.group_size
+    assert args.steps_per_generation == c.num_minibatches and args.num_iterations == c.num_updates
+    assert args.max_steps == c.steps * 8 and args.warmup_steps == 3 * 8
+    assert args.loss_type == "bnpo" and args.epsilon_high == 0.28 and args.lr_scheduler_type == "cosine"
+    for unsupported in (dict(alpha=1e-3), dict(kl_estimator="k2"), dict(shuffle_rewards=True)):
+        with pytest.raises(ValueError, match="no counterpart"):
+            trl_grpo_kwargs(MinigrpoConfig(**unsupported))

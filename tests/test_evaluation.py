@@ -1,0 +1,63 @@
+"""Held-out evaluation: the Wilson interval, the exact McNemar test, and ``evaluate`` itself."""
+
+import math
+
+import pytest
+import torch
+
+from minigrpo.evaluation import EvalResult, detectable_difference, evaluate, mcnemar_p_value, wilson_interval
+from minigrpo.rewards import exact_match_reward
+from minigrpo.rollout import greedy_completions
+from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
+
+
+@pytest.mark.parametrize(
+    "correct, n, expected",
+    [(50, 100, (0.4038, 0.5962)), (0, 2, (0.0, 0.6576)), (10, 10, (0.7225, 1.0)), (659, 1319, (0.4727, 0.5266))],
+)
+def test_wilson_interval_known_values(correct, n, expected):
+    lo, hi = wilson_interval(correct, n)
+    assert lo == pytest.approx(expected[0], abs=1e-4)
+    assert hi == pytest.approx(expected[1], abs=1e-4)
+    assert 0.0 <= lo <= correct / n <= hi <= 1.0
+
+
+@pytest.mark.parametrize("correct, n", [(3, 2), (-1, 5), (0, 0)])
+def test_wilson_interval_rejects_bad_counts(correct, n):
+    with pytest.raises(ValueError, match="correct"):
+        wilson_interval(correct, n)
+
+
+def test_mcnemar_exact_values():
+    # 10 discordant pairs, 9 improved, 1 worse: p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22/1024
+    before = [False] * 9 + [True] + [True] * 5
+    after = [True] * 9 + [False] + [True] * 5
+    assert mcnemar_p_value(before, after) == pytest.approx(22 / 1024)
+    assert mcnemar_p_value(after, before) == pytest.approx(22 / 1024)  # two-sided
+    assert mcnemar_p_value([True, False], [True, False]) == 1.0  # nothing changed
+    assert mcnemar_p_value([False] * 8, [True] * 8) == pytest.approx(2 / 256)
+    with pytest.raises(ValueError, match="pair"):
+        mcnemar_p_value([True], [True, False])
+
+
+def test_detectable_difference():
+    # 8 problems all going one way give p = 2/256 < 0.01; 7 give 2/128 > 0.01
+    assert mcnemar_p_value([False] * 8, [True] * 8) < 0.01 < mcnemar_p_value([False] * 7, [True] * 7)
+    assert detectable_difference(400, alpha=0.01) == pytest.approx(8 / 400)
+    assert math.isclose(detectable_difference(100, alpha=0.05), 6 / 100)
+
+
+def test_evaluate_counts_scores_and_truncation(one_thread):
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    examples = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(7)]
+    texts = greedy_completions(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens=3)
+    examples[2]["answer"] = texts[2]  # one problem the untrained model "solves"
+    result = evaluate(model, tokenizer, examples, exact_match_reward, max_new_tokens=3, batch_size=3, step=5)
+    assert isinstance(result, EvalResult) and result.step == 5 and result.n == 7
+    assert result.completions == texts  # batches of 3 decode as one batch of 7 does
+    assert result.correct_mask[2] and result.correct == sum(result.correct_mask)
+    assert result.accuracy == result.correct / 7 and result.interval == wilson_interval(result.correct, 7)
+    assert 0.0 <= result.truncated_frac <= 1.0
+    assert set(result.summary()) == {"step", "n", "correct", "accuracy", "wilson95", "truncated_frac"}
+    assert torch.is_grad_enabled()
