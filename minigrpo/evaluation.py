@@ -99,15 +99,21 @@ def mcnemar_p_value(before: list[bool], after: list[bool]) -> float:
         raise ValueError(f"before and after must pair up, got {len(before)} and {len(after)} results")
     b = sum(x and not y for x, y in zip(before, after))
     c = sum(y and not x for x, y in zip(before, after))
-    k, m = min(b, c), b + c
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
+    return _mcnemar(b, c)
+
+
+def _mcnemar(b: int, c: int) -> float:
+    tail = sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c)
     return min(1.0, 2 * tail)
 
 
-def detectable_difference(n: int, alpha: float = 0.01) -> float:
-    """The smallest accuracy gain an exact McNemar test at level ``alpha`` can detect on ``n``
-    paired problems, in the best case where every discordant problem improves: k problems going
-    one way give p = 2 / 2^k, so k = ⌈log2(2/alpha)⌉ and the gain is k / n."""
-    if n < 1:
-        raise ValueError(f"n must be ≥ 1, got {n}")
-    return math.ceil(math.log2(2 / alpha)) / n
+def detectable_difference(n: int, discordant: int, alpha: float = 0.01) -> float:
+    """The smallest accuracy gain (c − b) / n that the exact McNemar test calls significant at
+    level ``alpha`` when ``discordant`` = b + c of the ``n`` paired problems changed verdict
+    (inf when no split of them would be significant)."""
+    if not 0 <= discordant <= n:
+        raise ValueError(f"need 0 ≤ discordant ≤ n, got discordant={discordant}, n={n}")
+    for c in range((discordant + 1) // 2, discordant + 1):
+        if _mcnemar(discordant - c, c) < alpha:
+            return (2 * c - discordant) / n
+    return math.inf

@@ -43,8 +43,12 @@ def test_mcnemar_exact_values():
 def test_detectable_difference():
     # 8 problems all going one way give p = 2/256 < 0.01; 7 give 2/128 > 0.01
     assert mcnemar_p_value([False] * 8, [True] * 8) < 0.01 < mcnemar_p_value([False] * 7, [True] * 7)
-    assert detectable_difference(400, alpha=0.01) == pytest.approx(8 / 400)
-    assert math.isclose(detectable_difference(100, alpha=0.05), 6 / 100)
+    assert detectable_difference(400, discordant=8) == pytest.approx(8 / 400)
+    assert detectable_difference(400, discordant=7) == math.inf
+    # 100 discordant: 63 vs 37 gives p = 0.012, 64 vs 36 gives 0.0066
+    assert detectable_difference(1000, discordant=100) == pytest.approx(28 / 1000)
+    with pytest.raises(ValueError, match="discordant"):
+        detectable_difference(10, discordant=11)
 
 
 def test_evaluate_counts_scores_and_truncation(one_thread):
