@@ -82,8 +82,9 @@ def arithmetic_command(args) -> dict:
     result = run_arithmetic(warmup, config, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                             stop_after=args.stop_after, warmup_cache=args.warmup_cache,
                             progress=not args.no_progress)
-    print(f"seed {args.seed}: held-out accuracy {result['acc_before']:.3f} -> {result['acc_after']:.3f} "
-          f"after {result['steps']} steps (warm-up {result['sft_seconds']:.1f} s, GRPO {result['grpo_seconds']:.1f} s)")
+    if dist_info()[0] == 0:
+        print(f"seed {args.seed}: held-out accuracy {result['acc_before']:.3f} -> {result['acc_after']:.3f} "
+              f"after {result['steps']} steps (warm-up {result['sft_seconds']:.1f} s, GRPO {result['grpo_seconds']:.1f} s)")
     return result
 
 

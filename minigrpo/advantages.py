@@ -3,9 +3,10 @@
 GRPO has no value network.  It samples G completions o_1..o_G for the same prompt q, scores them
 with rewards r_1..r_G, and uses the group itself as the baseline:
 
-    Â_i = (r_i − mean_j r_j) / (std_j r_j + ε)
+    Â_i = (r_i − mean_j r_j) / (std_j r_j + δ)
 
-Every token of completion i shares the advantage Â_i.  Rewards arrive as one flat vector of
+δ is a small floor (the keyword ``eps``) that keeps the division finite.  Every token of
+completion i shares the advantage Â_i.  Rewards arrive as one flat vector of
 N = prompts × G values in which consecutive blocks of G form one group (TRL's layout).
 """
 
@@ -39,13 +40,13 @@ def _validate(rewards: torch.Tensor, group_size: int, scale: str, eps: float) ->
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:
-    """Group-relative advantages Â_i = (r_i − mean_j r_j) / (std_j r_j + ε).
+    """Group-relative advantages Â_i = (r_i − mean_j r_j) / (std_j r_j + δ).
 
     The mean is always the mean of i's own group (j runs over the G = ``group_size`` completions
     of the same prompt).  ``scale`` picks the denominator:
 
     - ``"group"`` (DeepSeekMath GRPO): std_j over the group, Bessel-corrected (÷ (G − 1)).
-    - ``"batch"``: the Bessel-corrected std over all N rewards (more robust for small G).
+    - ``"batch"``: the Bessel-corrected std over all N rewards (TRL's ``scale_rewards="batch"``).
     - ``"none"`` (Dr. GRPO): no division, Â_i = r_i − mean_j r_j; avoids up-weighting questions
       that are almost always (or almost never) solved.
 
@@ -56,7 +57,7 @@ def group_advantages(
         rewards: [N] finite floats, consecutive blocks of ``group_size`` forming one group.
         group_size: G, a positive int dividing N.
         scale: "group", "batch" or "none".
-        eps: ε ≥ 0 added to the std (typical 1e-4, as TRL); ignored for "none".
+        eps: the floor δ ≥ 0 added to the std (typical 1e-4, as TRL); ignored for "none".
     Returns:
         [N] advantages, same dtype as ``rewards``.
     """

@@ -4,7 +4,7 @@ Each function draws one figure from numbers it is given (tensors, arrays or list
 the :class:`matplotlib.figure.Figure`; a notebook then calls ``plt.show()``.  The numbers a
 figure shows are computed by the chapter (usually with the package's own functions) and only
 drawn here; training curves take their axis labels from the trainer's one list of metrics
-(``minigrpo.trainer.METRICS``).
+(``minigrpo.metrics.METRICS``).
 
     import matplotlib.pyplot as plt
     from minigrpo import plots
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from minigrpo.trainer import metric_label
+from minigrpo.metrics import metric_label
 
 def _numpy(x) -> np.ndarray:
     """A float numpy array from a tensor, array or list."""
@@ -135,7 +135,7 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[
         runs: run name -> history, a list of per-step dicts (e.g.
             ``{"step": 3, "reward_mean": 0.4, "kl": 0.01}``).  The x axis is ``"step"`` when the
             dicts have it, else the list index; a step without a key leaves a gap.
-        keys: the metrics to draw, one panel each (labels from ``minigrpo.trainer.METRICS``).
+        keys: the metrics to draw, one panel each (labels from ``minigrpo.metrics.METRICS``).
         ncols: panels per row.
 
     Returns:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from minigrpo.advantages import SCALES, group_advantages
 from minigrpo.evaluation import EvalResult, evaluate
 from minigrpo.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, grpo_loss
+from minigrpo.metrics import MetricLog, reduce_updates
 from minigrpo.models import is_lora, peak_memory, reference_model
 from minigrpo.rewards import exact_match_reward
 from minigrpo.rollout import Rollout, completion_logprobs, model_device, rollout, unwrap
@@ -175,76 +176,6 @@ def _check_number(config, name: str, kind: type, low: float, high: float = math.
     if not ok or not (low < value if strict else low <= value) or not value < high:
         bounds = f"{'(' if strict else '['}{low}, {high})"
         raise ValueError(f"{name} must be {'an int' if kind is int else 'a number'} in {bounds}, got {value!r}")
-
-
-# ---------------------------------------------------------------- the metrics, one list
-
-METRICS = {
-    "step": "GRPO step",
-    "reward_mean": "mean reward over the batch",
-    "reward_std": "reward std over the batch",
-    "zero_std_frac": "fraction of groups with equal rewards",
-    "truncated_frac": "fraction of completions cut at max_new_tokens",
-    "loss": "loss (as minimised)",
-    "policy_loss": "policy-gradient loss",
-    "kl": "KL term, aggregated as the loss (nats)",
-    "kl_token_mean": "KL to reference (nats/token)",
-    "entropy": "entropy term, aggregated as the loss (nats)",
-    "entropy_token_mean": "entropy (nats/token)",
-    "clip_frac_low": "fraction of tokens clipped below",
-    "clip_frac_high": "fraction of tokens clipped above",
-    "clip_frac": "fraction of tokens clipped",
-    "ratio_mean": "mean ratio ρ",
-    "ratio_min": "smallest ratio ρ",
-    "ratio_max": "largest ratio ρ",
-    "advantages_abs_mean": "mean |advantage|",
-    "zero_advantage_frac": "fraction of completions with advantage 0",
-    "completion_tokens_mean": "completion length (tokens)",
-    "grad_norm": "gradient norm before clipping",
-    "lr": "learning rate",
-    "step_seconds": "seconds per step",
-    "peak_memory_gib": "peak GPU memory (GiB)",
-    "accuracy": "held-out accuracy (greedy)",
-}
-"""Every number the trainer logs, by name, with its axis label.  Each is computed in exactly one
-place: ``train_step`` (rewards, lengths, time), ``grpo_loss``'s metrics (clip fractions, ratios,
-token means), ``policy_updates`` (loss terms, gradient norm), ``evaluate`` (accuracy).  Besides
-these, ``reward_<name>`` is the batch mean of the reward function ``<name>``."""
-
-
-def metric_label(key: str) -> str:
-    """The axis label of a logged metric (``KeyError`` for a name nobody logs)."""
-    if key.startswith("reward_") and key not in METRICS:
-        return f"mean {key.removeprefix('reward_')} reward"
-    return METRICS[key]
-
-
-class MetricLog(dict):
-    """One step's metrics: every key is in ``METRICS`` and is written once."""
-
-    def __setitem__(self, key, value):
-        if key in self:
-            raise KeyError(f"metric {key!r} written twice")
-        metric_label(key)
-        super().__setitem__(key, value)
-
-    def update(self, other=(), **kwargs):
-        for key, value in dict(other, **kwargs).items():
-            self[key] = value
-
-
-REDUCE_OVER_UPDATES = {"ratio_min": min, "ratio_max": max}
-"""How a metric of several updates becomes the step's: these by min/max, every other by the mean."""
-
-
-def reduce_updates(records: list[dict[str, float | None]]) -> dict[str, float | None]:
-    """One value per metric from the step's μ × mini-batch updates (None stays None)."""
-    out = {}
-    for key in records[0]:
-        values = [r[key] for r in records]
-        reduce = REDUCE_OVER_UPDATES.get(key, lambda v: sum(v) / len(v))
-        out[key] = None if values[0] is None else reduce(values)
-    return out
 
 
 # ---------------------------------------------------------------- small pieces
@@ -422,8 +353,8 @@ class GRPOTrainer:
 
     @property
     def single_update(self) -> bool:
-        """One pass (μ = 1) over one mini-batch: the update runs at θ = θ_old, so the rollout
-        skips the π_θold pass and the update's own log-probs, detached, stand in for it."""
+        """True for one pass (μ = 1) over one mini-batch.  That update runs at θ = θ_old, so the
+        rollout skips the π_θold pass and the update's own log-probs, detached, stand in for it."""
         return self.config.num_updates == 1 and self.config.num_minibatches == 1
 
     def sample_prompts(self) -> list[dict[str, str]]:
@@ -478,7 +409,8 @@ class GRPOTrainer:
                 records.append({
                     "loss": out.loss.item(), "policy_loss": out.policy_loss.item(),
                     "kl": None if out.kl is None else out.kl.item(),  # None: no reference (β = 0)
-                    "entropy": out.entropy.item(), "grad_norm": self.optimizer_step(out.loss), **out.metrics,
+                    "kl_token_mean": None, "entropy": out.entropy.item(),
+                    "grad_norm": self.optimizer_step(out.loss), **out.metrics,
                 })
         self.model.train(was_training)  # back to the mode generation runs in (eval: KV cache on)
         return reduce_updates(records)

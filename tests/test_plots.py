@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from minigrpo import plots  # noqa: E402
-from minigrpo.trainer import METRICS  # noqa: E402
+from minigrpo.metrics import METRICS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -14,17 +14,8 @@ from minigrpo.data import arithmetic_examples
 from minigrpo.evaluation import EvalResult
 from minigrpo.rewards import exact_match_reward, format_reward
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
-from minigrpo.trainer import (
-    METRICS,
-    GRPOConfig,
-    GRPOTrainer,
-    MetricLog,
-    compute_rewards,
-    lr_lambda,
-    metric_label,
-    params_sha256,
-    zero_std_fraction,
-)
+from minigrpo.metrics import METRICS, MetricLog, metric_label
+from minigrpo.trainer import GRPOConfig, GRPOTrainer, compute_rewards, lr_lambda, params_sha256, zero_std_fraction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,7 +135,7 @@ def test_several_updates_and_minibatches_move_the_ratio():
     trainer = make_trainer(steps=2, num_updates=2, num_minibatches=2, lr=1e-2, beta=0.0)
     trainer.train(progress=False)
     assert len(trainer.history) == 2 and [e.step for e in trainer.evals] == [0, 2]
-    assert trainer.history[-1]["kl"] is None  # β = 0: no reference model
+    assert trainer.history[-1]["kl"] is trainer.history[-1]["kl_token_mean"] is None  # β = 0: no reference
     h = trainer.history[-1]
     assert h["ratio_min"] < h["ratio_mean"] < h["ratio_max"]  # later mini-batches see ρ ≠ 1
     assert h["ratio_min"] <= min(r["ratio_min"] for r in trainer.history)  # a min, not a mean of minima
@@ -244,3 +235,21 @@ def test_metric_labels_cover_the_loss_metrics():
 
     m = torch.ones(2, 3, dtype=torch.bool)
     assert set(loss_metrics(torch.ones(2, 3), torch.zeros(2), m, 0.2, 0.2)) <= set(METRICS)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_init_distributed_picks_nccl_and_the_local_gpu_on_gpus(monkeypatch, cuda):
+    """Under torchrun on GPUs each rank takes GPU LOCAL_RANK and NCCL; on CPUs, gloo."""
+    import torch.distributed as dist
+
+    from minigrpo import trainer
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
+    trainer.init_distributed()
+    assert calls == ({"device": 3, "backend": "nccl"} if cuda else {"backend": "gloo"})

@@ -1,0 +1,75 @@
+"""Every number the trainer logs: one name, one axis label, written once per step.
+
+The trainer records each step's metrics in a ``MetricLog``, which refuses a name that is not
+in ``METRICS`` or that was already written; the plots take their axis labels from the same
+list.  Imports nothing, so a figure module can use it without pulling in the trainer.
+"""
+
+from __future__ import annotations
+
+METRICS = {
+    "step": "GRPO step",
+    "reward_mean": "mean reward over the batch",
+    "reward_std": "reward std over the batch",
+    "zero_std_frac": "fraction of groups with equal rewards",
+    "truncated_frac": "fraction of completions cut at max_new_tokens",
+    "loss": "loss (as minimised)",
+    "policy_loss": "policy-gradient loss",
+    "kl": "KL term, aggregated as the loss (nats)",
+    "kl_token_mean": "KL to reference (nats/token)",
+    "entropy": "entropy term, aggregated as the loss (nats)",
+    "entropy_token_mean": "entropy (nats/token)",
+    "clip_frac_low": "fraction of tokens clipped below",
+    "clip_frac_high": "fraction of tokens clipped above",
+    "clip_frac": "fraction of tokens clipped",
+    "ratio_mean": "mean ratio ρ",
+    "ratio_min": "smallest ratio ρ",
+    "ratio_max": "largest ratio ρ",
+    "advantages_abs_mean": "mean |advantage|",
+    "zero_advantage_frac": "fraction of completions with advantage 0",
+    "completion_tokens_mean": "completion length (tokens)",
+    "grad_norm": "gradient norm before clipping",
+    "lr": "learning rate",
+    "step_seconds": "seconds per step",
+    "peak_memory_gib": "peak GPU memory (GiB)",
+    "accuracy": "held-out accuracy (greedy)",
+}
+"""Every number the trainer logs, by name, with its axis label.  Each is computed in exactly one
+place: ``train_step`` (rewards, lengths, time), ``grpo_loss``'s metrics (clip fractions, ratios,
+token means), ``policy_updates`` (loss terms, gradient norm), ``evaluate`` (accuracy).  Besides
+these, ``reward_<name>`` is the batch mean of the reward function ``<name>``."""
+
+
+def metric_label(key: str) -> str:
+    """The axis label of a logged metric (``KeyError`` for a name nobody logs)."""
+    if key.startswith("reward_") and key not in METRICS:
+        return f"mean {key.removeprefix('reward_')} reward"
+    return METRICS[key]
+
+
+class MetricLog(dict):
+    """One step's metrics: every key is in ``METRICS`` and is written once."""
+
+    def __setitem__(self, key, value):
+        if key in self:
+            raise KeyError(f"metric {key!r} written twice")
+        metric_label(key)
+        super().__setitem__(key, value)
+
+    def update(self, other=(), **kwargs):
+        for key, value in dict(other, **kwargs).items():
+            self[key] = value
+
+
+REDUCE_OVER_UPDATES = {"ratio_min": min, "ratio_max": max}
+"""How a metric of several updates becomes the step's: these by min/max, every other by the mean."""
+
+
+def reduce_updates(records: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """One value per metric from the step's μ × mini-batch updates (None stays None)."""
+    out = {}
+    for key in records[0]:
+        values = [r[key] for r in records]
+        reduce = REDUCE_OVER_UPDATES.get(key, lambda v: sum(v) / len(v))
+        out[key] = None if values[0] is None else reduce(values)
+    return out
