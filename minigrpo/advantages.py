@@ -37,6 +37,22 @@ def _validate(rewards: torch.Tensor, group_size: int, scale: str, eps: float) ->
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
 
 
+def _std(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Bessel-corrected std along ``dim`` (kept as a size-1 dim), or of all elements (a scalar)
+    for ``dim=None``.  Where the plain
+    formula underflows to 0 or overflows to inf (spreads below ~1e-154 or above ~1e154 in
+    float64), it is recomputed on x scaled by its largest |deviation|, which leaves the value
+    unchanged and finite."""
+    plain = x.std() if dim is None else x.std(dim=dim, keepdim=True)
+    if bool(((plain > 0) & torch.isfinite(plain)).all()):
+        return plain
+    dims = tuple(range(x.dim())) if dim is None else (dim,)
+    centred = x - x.mean(dim=dims, keepdim=True)
+    peak = centred.abs().amax(dim=dims, keepdim=True)
+    rescaled = peak * (centred / torch.where(peak > 0, peak, 1.0)).std(dim=dims, keepdim=True)
+    return torch.where((plain > 0) & torch.isfinite(plain), plain, rescaled.reshape(plain.shape))
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:
@@ -67,10 +83,10 @@ def group_advantages(
     flat = grouped[:, :1] == grouped  # (prompts, G)
     flat_group = flat.all(dim=1, keepdim=True)  # (prompts, 1): all rewards equal
     if scale == "group":
-        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.ones_like(centred[:, :1])
+        std = _std(grouped, dim=1) if group_size > 1 else torch.ones_like(centred[:, :1])
         advantages = centred / torch.where(flat_group, 1.0, std + eps)
     elif scale == "batch":
-        std = rewards.std() if rewards.numel() > 1 else torch.ones((), dtype=rewards.dtype)
+        std = _std(rewards) if rewards.numel() > 1 else torch.ones((), dtype=rewards.dtype)
         advantages = centred / (torch.where(flat_group.all(), 1.0, std) + eps)
     else:
         advantages = centred

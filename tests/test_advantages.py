@@ -146,3 +146,13 @@ def test_group_size_one_gives_zeros():
 def test_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         group_advantages(**kwargs)
+
+
+@pytest.mark.parametrize("spread", [1e-263, 1e-170, 1e160])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_tiny_and_huge_spreads_give_finite_unit_advantages(spread, scale):
+    """A group whose std under- or overflows in float64 (found by hypothesis: rewards 0 and
+    1.3e-263) still gets Â = ±1/√2, not inf or nan."""
+    rewards = torch.tensor([0.0, spread], dtype=torch.float64)
+    adv = group_advantages(rewards, 2, scale, eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0], dtype=torch.float64) / math.sqrt(2))
