@@ -7,10 +7,11 @@
     python -m minigrpo arithmetic --seed 0 --out r.json --set lr=5e-5 --set beta=0
     python -m minigrpo gsm8k --model Qwen/Qwen2.5-0.5B-Instruct --out runs/gsm8k.json   # GPU
     python -m minigrpo gsm8k --smoke --out runs/gsm8k-smoke.json                        # CPU check
+    python -m minigrpo small-model --seed 0 --out runs/small-model.json   # SmolLM2 learning on a CPU
     torchrun --nproc-per-node 2 -m minigrpo arithmetic --seed 0 --out r.json   # DDP, gloo on CPU
 
 This module only parses arguments: the runs are ``minigrpo.arithmetic.run_arithmetic`` and
-``minigrpo.gsm8k.run_gsm8k``; ``--set NAME=VALUE`` overrides a ``GRPOConfig`` field (its type
+``minigrpo.gsm8k.run_gsm8k`` (GSM8K and the small-model run); ``--set NAME=VALUE`` overrides a ``GRPOConfig`` field (its type
 is checked), ``--warmup-set`` a ``WarmupConfig`` field.
 """
 
@@ -108,6 +109,16 @@ def gsm8k_command(args) -> dict:
     return result
 
 
+def small_model_command(args) -> dict:
+    run = gsm8k.small_model_run(args.seed, shuffle_rewards=args.shuffle_rewards)
+    run.grpo = dataclasses.replace(run.grpo, **parse_overrides(args.set, GRPOConfig))
+    result = gsm8k.run_gsm8k(run, progress=not args.no_progress)
+    print(f"[small-model, seed {args.seed}{', shuffled rewards' if args.shuffle_rewards else ''}] held-out "
+          f"accuracy {result['acc_before']:.3f} -> {result['acc_after']:.3f} (n = {result['n_eval']}, "
+          f"McNemar p = {result['p_value']:.3g})")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minigrpo", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA r (default 32); 0: full fine-tuning, lr 1e-6")
     p.add_argument("--device", default=None, help="cuda or cpu (default: the configuration's)")
     p.set_defaults(run=gsm8k_command)
+
+    p = subparsers.add_parser("small-model", help="SmolLM2-135M-Instruct learning word problems on the CPU")
+    p.add_argument("--seed", type=int, default=0, help="seeds the adapter, prompts and sampling")
+    p.add_argument("--shuffle-rewards", action="store_true", help="the control: rewards permuted in the batch")
+    p.set_defaults(run=small_model_command)
 
     for p in subparsers.choices.values():
         p.add_argument("--out", required=True, help="path of the result JSON")

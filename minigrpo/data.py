@@ -19,6 +19,8 @@ local JSONL file in the same format (``question``, ``answer`` ending in ``#### n
 
 from __future__ import annotations
 
+import itertools
+import json
 import random
 import zlib
 
@@ -108,6 +110,63 @@ def warmup_examples(
     return examples
 
 
+# ---------------------------------------------------------------- word problems (GSM8K's family, one step)
+
+WORD_NAMES = ("Ana", "Ben", "Carla", "Dev", "Eli", "Fay", "Gus", "Hana")
+WORD_THINGS = ("apples", "marbles", "stickers", "coins", "books", "shells", "pens", "cards")
+WORD_TEMPLATES = (
+    ("+", "{name} has {a} {things}. {name} finds {b} more {things}. How many {things} does {name} have now?"),
+    ("+", "{name} had {a} {things} and bought {b} more. How many {things} does {name} have?"),
+    ("-", "{name} has {a} {things} and gives {b} of them away. How many {things} does {name} have left?"),
+    ("-", "There were {a} {things} on the table. {name} took {b}. How many {things} are on the table now?"),
+)
+
+
+def word_problems(held_out: bool = False, size: int | None = None, seed: int = 1234,
+                  max_number: int = 20) -> list[dict[str, str]]:
+    """One-step addition and subtraction word problems ``{"question", "answer"}``, numbers
+    1 … ``max_number`` (a subtraction never goes below 0): the easiest rung of GSM8K's ladder.
+
+    A problem is held out when a fixed hash of its operation and numbers says so (about one in
+    ten), so no held-out (operation, a, b) appears in training under any name or wording.
+    ``size`` picks that many in an order fixed by ``seed`` (None: all of them).
+    """
+    problems = []
+    for (template_id, (op, template)), a, b, variant in itertools.product(
+        enumerate(WORD_TEMPLATES), range(1, max_number + 1), range(1, max_number + 1), range(3)
+    ):
+        if op == "-" and b > a or (zlib.crc32(f"{op}{a},{b}".encode()) % 10 == 0) != held_out:
+            continue
+        name = WORD_NAMES[(a + 3 * b + template_id + 3 * variant) % len(WORD_NAMES)]
+        things = WORD_THINGS[(3 * a + b + 5 * template_id + variant) % len(WORD_THINGS)]
+        question = template.format(name=name, things=things, a=a, b=b)
+        problems.append({"question": question, "answer": str(a + b if op == "+" else a - b)})
+    if size is not None:
+        if size > len(problems):
+            raise ValueError(f"size={size} exceeds the {len(problems)} problems of the split")
+        problems = random.Random(seed).sample(problems, size)
+    return problems
+
+
+WORD_SYSTEM = "Solve the math problem."
+WORD_INSTRUCTION = "Put your final answer within \\boxed{}."
+WORD_EXAMPLE = ("Tom has 3 pens. Tom finds 4 more pens. How many pens does Tom have now?",
+                "3 + 4 = 7. The answer is \\boxed{7}.")
+"""the one-shot example every word-problem prompt shows: question, then a worked answer"""
+
+
+def word_problem_prompt(tokenizer, question: str) -> str:
+    """The chat prompt: a short system line, one worked example, then the question, each asking
+    for the answer in \\boxed{}; rendered with the tokenizer's chat template, assistant turn open."""
+    messages = [
+        {"role": "system", "content": WORD_SYSTEM},
+        {"role": "user", "content": f"{WORD_EXAMPLE[0]}\n{WORD_INSTRUCTION}"},
+        {"role": "assistant", "content": WORD_EXAMPLE[1]},
+        {"role": "user", "content": f"{question}\n{WORD_INSTRUCTION}"},
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 # ---------------------------------------------------------------- GSM8K
 
 GSM8K_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -117,11 +176,13 @@ def load_gsm8k(split: str = "train", path: str | None = None) -> datasets.Datase
     """GSM8K as a ``datasets.Dataset`` with columns ``question`` and ``answer``.
 
     ``path=None`` loads ``openai/gsm8k`` (config ``main``) from the hub or its cache; a path
-    loads a local JSONL file in the same format (then ``split`` is ignored).
+    reads a local JSONL file in the same format directly (then ``split`` is ignored): no cache
+    to fill, so nothing prints a progress bar the first time and not the next.
     """
     if path is None:
         return datasets.load_dataset("openai/gsm8k", "main", split=split)
-    return datasets.load_dataset("json", data_files=str(path), split="train")
+    with open(path, encoding="utf-8") as f:
+        return datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
 
 
 def gsm8k_gold(answer: str) -> str:

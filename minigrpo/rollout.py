@@ -94,20 +94,35 @@ def plain_generation_config(model, eos_ids: list[int], pad_id: int):
 
 @torch.no_grad()
 def sample_completions(
-    model, tokenizer, prompt_ids, prompt_mask, *, group_size, temperature, max_new_tokens, greedy=False
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model, tokenizer, prompt_ids, prompt_mask, *, group_size, temperature, max_new_tokens, greedy=False,
+    shared_prefill=False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``group_size`` completions per prompt from softmax(logits / τ) with the KV cache, rows
     grouped by prompt; ``greedy=True`` takes the arg-max token instead (then G must be 1).
+
+    ``shared_prefill=True`` runs each prompt (but its last token) through the model once and
+    gives its G samples copies of that KV cache, instead of letting ``generate`` prefill every
+    prompt G times: the same distribution, a G-th of the prefill compute, and different random
+    draws (and last-bit logits) than without it.
 
     Returns ``(completion_ids, completion_mask, truncated)``: (P·G, T), (P·G, T) and (P·G,),
     True where no EOS came within ``max_new_tokens`` (the completion was cut at the limit).
     """
     eos_ids = eos_token_ids(model, tokenizer)
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    cache = {}
+    if shared_prefill and group_size > 1 and prompt_ids.shape[1] > 1:
+        prefix_mask = prompt_mask[:, :-1]  # (P, L − 1)
+        prefix = unwrap(model)(input_ids=prompt_ids[:, :-1], attention_mask=prefix_mask,
+                               position_ids=position_ids_from_mask(prefix_mask), use_cache=True)
+        prefix.cache.batch_repeat_interleave(group_size)  # (P·G, …) copies
+        cache = {"cache": prefix.cache}
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
+        group_size = 1
     with plain_generation_config(model, eos_ids, tokenizer.pad_token_id):
         output = unwrap(model).generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, num_return_sequences=group_size,
-            max_new_tokens=max_new_tokens, use_cache=True, **sampling,
+            max_new_tokens=max_new_tokens, use_cache=True, **sampling, **cache,
         )  # (P·G, L + T)
     completion_ids = output[:, prompt_ids.shape[1] :]  # (P·G, T)
     has_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).any(-1)
@@ -183,6 +198,7 @@ def rollout(
     ref_model=None,
     score_old: bool = True,
     rows_per_pass: int | None = None,
+    shared_prefill: bool = False,
 ) -> Rollout:
     """Sample a group of ``group_size`` completions for each example's prompt and score them.
 
@@ -190,6 +206,7 @@ def rollout(
     from ``ref_model``, at the sampling temperature, ``rows_per_pass`` sequences per forward
     pass.  ``score_old=False`` skips the old pass and leaves ``old_logprobs`` None, for a trainer
     whose only update runs at θ = θ_old and takes them from its own forward pass.
+    ``shared_prefill``: see ``sample_completions``.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be ≥ 1, got {group_size}")
@@ -197,6 +214,7 @@ def rollout(
     completion_ids, mask, truncated = sample_completions(
         model, tokenizer, prompt_ids, prompt_mask,
         group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens,
+        shared_prefill=shared_prefill,
     )  # (N, T), (N, T), (N,)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # (N, L)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, L)

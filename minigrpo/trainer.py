@@ -123,6 +123,8 @@ class GRPOConfig:
     """prompts per greedy generation call during evaluation"""
     rows_per_pass: int | None = None
     """sequences per no-grad scoring pass (old and reference log-probs); None: all N at once"""
+    shared_prefill: bool = False
+    """prefill each prompt once and copy its KV cache to its G samples (``rollout.sample_completions``): faster for long prompts"""
     checkpoint_every: int = 0
     """write a checkpoint every this many steps (and at the end) when a directory is given"""
     seed: int = 0
@@ -368,7 +370,7 @@ class GRPOTrainer:
         return rollout(
             self.model, self.tokenizer, examples, group_size=c.group_size, temperature=c.temperature,
             max_new_tokens=c.max_new_tokens, ref_model=self.ref_model, score_old=not self.single_update,
-            rows_per_pass=c.rows_per_pass,
+            rows_per_pass=c.rows_per_pass, shared_prefill=c.shared_prefill,
         )
 
     def optimizer_step(self, loss: torch.Tensor) -> float:

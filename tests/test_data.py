@@ -1,6 +1,5 @@
-"""The arithmetic task, the sloppy teacher and GSM8K loading (offline, on a fixture)."""
-
-from minigrpo.gsm8k import FIXTURE_DIR
+"""The arithmetic task, the sloppy teacher, the word problems and GSM8K loading (offline, on a
+fixture)."""
 
 import pytest
 
@@ -15,7 +14,10 @@ from minigrpo.data import (
     load_gsm8k,
     sum_without_carries,
     warmup_examples,
+    word_problem_prompt,
+    word_problems,
 )
+from minigrpo.gsm8k import FIXTURE_DIR
 from minigrpo.tiny import build_tokenizer
 
 FIXTURE = FIXTURE_DIR / "train.jsonl"  # the package's own GSM8K-format fixture
@@ -103,3 +105,27 @@ def test_gsm8k_chat_prompt_asks_for_a_boxed_answer():
     assert "\\boxed{}" in prompt and prompt.endswith("<|assistant|>")
     assert examples[0]["answer"] == "7"
     assert gsm8k_prompt(tokenizer, "What is 2+2?").count("<|user|>") == 1
+
+
+def test_word_problems_split_and_answers():
+    train, held_out = word_problems(held_out=False), word_problems(held_out=True)
+    assert len(held_out) >= 300 and len(train) > 5 * len(held_out)
+    assert not {p["question"] for p in train} & {p["question"] for p in held_out}
+    numbers = lambda p: tuple(int(w) for w in p["question"].split() if w.isdigit())  # noqa: E731
+    held_out_keys = {numbers(p) for p in held_out}
+    for p in held_out[:50]:
+        a, b = numbers(p)
+        assert int(p["answer"]) in (a + b, a - b) and int(p["answer"]) >= 0
+    assert word_problems(held_out=True, size=10) == word_problems(held_out=True, size=10)
+    assert len(held_out_keys) > 60  # distinct (a, b) pairs, each in several wordings
+
+
+def test_word_problem_prompt_shows_one_worked_example():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    prompt = word_problem_prompt(tokenizer, "Ana has 2 pens. Ana finds 3 more pens. How many?")
+    assert prompt.count("<|user|>") == 2 and prompt.count("\\boxed{}") == 2
+    assert "\\boxed{7}" in prompt and prompt.endswith("<|assistant|>")

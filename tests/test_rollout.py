@@ -171,3 +171,28 @@ def test_greedy_completions_match_greedy_decoding_by_hand():
                 out.append(int(token))
                 ids = torch.cat([ids, token.view(1, 1)], dim=1)
         assert text == tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_shared_prefill_samples_the_same_distribution():
+    """Prefilling each prompt once and copying its cache to the G samples changes the random
+    draws, not the law: first-token frequencies still match softmax(logits / τ), and with one
+    sample per prompt both paths decode the same greedy tokens."""
+    model, tokenizer = small_world()
+    tau, n = 1.3, 4000
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2=", "45+67="])  # left-padded
+    torch.manual_seed(0)
+    ids, mask, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=n,
+                                      temperature=tau, max_new_tokens=3, shared_prefill=True)
+    with torch.no_grad():
+        logits = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                       position_ids=position_ids_from_mask(prompt_mask)).logits[:, -1]  # (2, V)
+    for p in range(2):
+        frequencies = torch.bincount(ids[p * n : (p + 1) * n, 0], minlength=len(tokenizer)) / n
+        assert (frequencies - torch.softmax(logits[p] / tau, -1)).abs().max() < 0.03
+    # later positions too: the cache copies carry each prompt's context
+    plain, _, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=n,
+                                     temperature=tau, max_new_tokens=3)
+    for p in range(2):
+        a = torch.bincount(ids[p * n : (p + 1) * n, 1], minlength=len(tokenizer)) / n
+        b = torch.bincount(plain[p * n : (p + 1) * n, 1], minlength=len(tokenizer)) / n
+        assert (a - b).abs().max() < 0.05
