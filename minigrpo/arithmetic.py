@@ -56,7 +56,7 @@ TINY_WARMUP = dict(
     digits=1, steps=100, batch_size=32, lr=3e-3,
     model=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
 )
-"""--tiny: one-digit sums and a 30k-parameter model (for tests only)"""
+"""--tiny: one-digit sums and a 21k-parameter model (for tests only)"""
 TINY_GRPO = dict(prompts_per_step=4, group_size=4, eval_size=12, eval_every=5, lr=3e-3, temperature=1.5)
 """--tiny: a few prompts per step and a handful of held-out problems (for tests only)"""
 

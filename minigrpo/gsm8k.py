@@ -112,15 +112,15 @@ def small_model_run(seed: int = 0, shuffle_rewards: bool = False) -> GSM8KRun:
     """SmolLM2-135M-Instruct visibly learning on two CPU cores (``python -m minigrpo small-model``).
 
     One-step word problems (``task="word_problems"``), greedy held-out accuracy on 300 of them
-    (≤ 40 tokens) before and after; 25 steps of 4 prompts × G = 8 samples of ≤ 24 tokens with the prompt
+    (≤ 32 tokens) before and after; 20 steps of 4 prompts × G = 8 samples of ≤ 24 tokens with the prompt
     prefilled once (``shared_prefill``), rewarded by correctness alone (the one-shot prompt
     already gets the answer boxed), LoRA r = 16 at lr 1e-4, no KL term.  About 13 minutes on two
     cores.  ``shuffle_rewards=True`` is the control.
     """
     grpo = GRPOConfig(
-        steps=25, prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=24,
+        steps=20, prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=24,
         reward_funcs=(correctness_reward,), reward_weights=(1.0,), accuracy_reward=correctness_reward,
-        beta=0.0, lr=1e-4, eval_every=0, eval_size=300, eval_max_new_tokens=40, eval_batch_size=60,
+        beta=0.0, lr=1e-4, eval_every=0, eval_size=300, eval_max_new_tokens=32, eval_batch_size=60,
         shared_prefill=True,
         shuffle_rewards=shuffle_rewards, seed=seed,
     )

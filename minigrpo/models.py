@@ -169,7 +169,7 @@ def random_model(config, *, seed: int = 0, device: str = "cpu", dtype: torch.dty
 # ---------------------------------------------------------------- memory savers and LoRA
 
 
-def prepare_for_training(model, *, gradient_checkpointing: bool = False, lora_rank: int = 0, lora_alpha: float | None = None):
+def prepare_for_training(model, *, gradient_checkpointing: bool = False, lora_rank: int = 0):
     """The model ready for GRPO: optional gradient checkpointing, optional LoRA adapter.
 
     Gradient checkpointing keeps only each layer's input during the forward pass and recomputes
@@ -177,8 +177,9 @@ def prepare_for_training(model, *, gradient_checkpointing: bool = False, lora_ra
     layers × intermediate tensors, for ~30% more compute.  It acts in training mode only, so
     generation (in eval mode) still uses the KV cache.
 
-    ``lora_rank`` r > 0 freezes every weight W and learns ΔW = (α/r)·B·A in each linear layer
-    (A: r × d_in, B: d_out × r, B initialised to 0 so ΔW = 0 at the start); α defaults to 2r.
+    ``lora_rank`` r > 0 freezes every weight W and learns ΔW = s·B·A in each linear layer
+    (A: r × d_in, B: d_out × r, B initialised to 0 so ΔW = 0 at the start) with the scale
+    s = 2 (peft's ``lora_alpha`` = 2r, s = lora_alpha / r).
     """
     if lora_rank < 0:
         raise ValueError(f"lora_rank must be ≥ 0, got {lora_rank}")
@@ -193,7 +194,7 @@ def prepare_for_training(model, *, gradient_checkpointing: bool = False, lora_ra
 
         lora = LoraConfig(
             r=lora_rank,
-            lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
+            lora_alpha=2 * lora_rank,
             target_modules="all-linear",
             lora_dropout=0.0,
             task_type="CAUSAL_LM",
