@@ -7,7 +7,9 @@ elsewhere, and the two round differently: a thousand warm-up steps later the mod
 These variables pin PyTorch, MKL and oneDNN to their AVX2 code (any x86-64 CPU of the last
 decade has it) before any kernel runs; nbval's kernels and the CLI runs the tests start inherit
 them. The committed outputs were produced under the same settings (the README says how to
-re-execute a notebook). A variable already set is left alone.
+re-execute a notebook). The pins are not a full guarantee: an AMD EPYC and an Intel Xeon still
+ended chapter 7's warm-up with different digits, so the outputs are those of the CPU family CI
+runs on.  A variable already set is left alone.
 """
 
 import os
