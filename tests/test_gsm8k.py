@@ -10,6 +10,7 @@ import pytest
 
 from minigrpo import gsm8k
 from minigrpo.rewards import correctness_reward, format_reward
+from minigrpo.tiny import build_tokenizer
 
 
 def test_smoke_requested_by_flag_or_environment(monkeypatch):
@@ -21,7 +22,13 @@ def test_smoke_requested_by_flag_or_environment(monkeypatch):
 
 
 def test_configurations():
-    real, smoke = gsm8k.real_run(), gsm8k.smoke_run()
+    real, smoke, small = gsm8k.real_run(), gsm8k.smoke_run(), gsm8k.small_model_run(seed=2)
+    assert small.task == "word_problems" and small.model == "smoke" and small.device == "cpu"
+    assert small.grpo.eval_size >= 300 and small.grpo.shared_prefill and small.grpo.seed == 2
+    assert small.grpo.reward_funcs == (correctness_reward,) and not small.grpo.shuffle_rewards
+    assert gsm8k.small_model_run(shuffle_rewards=True).grpo.shuffle_rewards
+    with pytest.raises(ValueError, match="task"):
+        gsm8k.GSM8KRun(name="x", task="trivia")
     assert real.model == "Qwen/Qwen2.5-0.5B-Instruct" and real.data_dir is None
     assert real.grpo.eval_size == 1319 and real.grpo.eval_tokens > real.grpo.max_new_tokens
     assert gsm8k.real_run(lora_rank=0).grpo.lr < real.grpo.lr  # full fine-tuning: its own rate
@@ -54,3 +61,17 @@ def test_command_line_smoke_run(tmp_path):
     assert 0.0 <= result["eval_before"]["truncated_frac"] <= 1.0 and 0.0 < result["p_value"] <= 1.0
     sample = result["samples"][0]
     assert sample["answer"] == "15" and isinstance(sample["before"], str)
+
+
+def test_word_problem_examples_for_the_small_model_run():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    run = gsm8k.small_model_run()
+    test = gsm8k.load_examples(run, tokenizer, "test")
+    train = gsm8k.load_examples(run, tokenizer, "train")
+    assert len(test) == run.grpo.eval_size and len(train) > len(test)
+    assert all(ex["prompt"].endswith("<|assistant|>") and ex["answer"].isdigit() for ex in test)
+    assert not {ex["prompt"] for ex in test} & {ex["prompt"] for ex in train}

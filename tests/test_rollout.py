@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from minigrpo.logprobs import token_logprobs
+from minigrpo.models import prepare_for_training
 from minigrpo.rollout import (
     completion_logprobs,
     completion_mask,
@@ -123,11 +124,15 @@ def hostile(model):
     return model
 
 
-def test_samples_follow_softmax_over_temperature_whatever_the_generation_config():
+@pytest.mark.parametrize("lora", [False, True])
+def test_samples_follow_softmax_over_temperature_whatever_the_generation_config(lora):
     """First-token frequencies over 4,000 samples match softmax(logits / τ) (4σ ≤ 0.03), though
-    the checkpoint asks for top-k 2, a repetition penalty, an n-gram ban and suppressed tokens."""
+    the checkpoint asks for top-k 2, a repetition penalty, an n-gram ban and suppressed tokens;
+    also through a peft LoRA wrapper, whose generate runs on the base model."""
     model, tokenizer = small_world()
     config = hostile(model).generation_config
+    if lora:
+        model = prepare_for_training(model, lora_rank=2)  # B = 0: the same logits
     tau, n = 1.3, 4000
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2="])
     torch.manual_seed(0)
@@ -138,7 +143,7 @@ def test_samples_follow_softmax_over_temperature_whatever_the_generation_config(
         expected = torch.softmax(model(input_ids=prompt_ids).logits[0, -1] / tau, -1)
     assert (frequencies - expected).abs().max() < 0.03
     assert (frequencies > 0).sum() > 2  # top-k 2 was not applied
-    assert model.generation_config is config  # the checkpoint's own config is back
+    assert (model.get_base_model() if lora else model).generation_config is config  # restored
 
 
 def test_generation_stops_on_every_declared_eos():
