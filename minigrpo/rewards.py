@@ -27,7 +27,9 @@ math-verify bounds its own work with ``signal.alarm``, which only exists in the 
 host's SIGALRM.  So math-verify runs in one persistent worker process (a plain subprocess of
 this file, not ``multiprocessing``, so a reader's script is never re-imported), on every call
 from every thread: one code path.  Each call waits at most ``CALL_TIMEOUT_S`` seconds; a worker
-that overruns is killed, restarted at the next call, and the answer scores 0.  Answers longer
+that overruns is killed, restarted at the next call, and the answer scores 0 (logged, and not
+memoised: the same pair is asked again next time).  An exception inside math-verify is sent
+back and logged too, never turned silently into a 0.  Answers longer
 than ``MAX_ANSWER_CHARS`` score 0 without being parsed, and results are memoised on
 (answer, gold), so a group of G completions that agree costs one comparison.
 """
@@ -185,9 +187,26 @@ def exact_match_reward(completion: str, answer: str) -> float:
 
 
 @functools.lru_cache(maxsize=1 << 16)
+def _verdict(extracted: str, boxed: bool, gold: str) -> bool:
+    """math-verify's verdict on (extracted, gold), memoised; raises ``_NoVerdict`` (never cached,
+    so the next call asks again) when the worker timed out, died or math-verify raised."""
+    verdict = _WORKER.ask(json.dumps([extracted, boxed, gold]))
+    if verdict is None:
+        raise _NoVerdict
+    return verdict
+
+
+class _NoVerdict(Exception):
+    """The worker gave no verdict (its reason is logged as a warning)."""
+
+
 def _math_equal(extracted: str, boxed: bool, gold: str) -> bool:
-    """math-verify's verdict on (extracted, gold), computed in the worker; False on timeout."""
-    return _WORKER.ask(json.dumps([extracted, boxed, gold]))
+    """True if math-verify says the two answers are equal; False when it says not, or gives no
+    verdict (the warning says why; the pair is asked again next time)."""
+    try:
+        return _verdict(extracted, boxed, gold)
+    except _NoVerdict:
+        return False
 
 
 class _Worker:
@@ -204,13 +223,14 @@ class _Worker:
         self._replies = None
         self._pid = os.getpid()
 
-    def ask(self, request: str) -> bool:
+    def ask(self, request: str) -> bool | None:
+        """The worker's verdict on one request: True, False, or None for no verdict."""
         if self._pid != os.getpid():  # forked child: the parent's pipes are not ours
             self.__init__()
         with self._lock:
             try:
                 if self._proc is None and not self._start():
-                    return False
+                    return None
                 self._proc.stdin.write(request + "\n")
                 self._proc.stdin.flush()
                 reply = self._replies.get(timeout=CALL_TIMEOUT_S)
@@ -219,6 +239,10 @@ class _Worker:
             if reply is None:
                 logger.warning("math-verify worker timed out or died; restarting it, scoring 0")
                 self.stop()
+                return None
+            if reply not in ("0", "1"):
+                logger.warning("math-verify raised on %s: %s; scoring 0", request, reply)
+                return None
             return reply == "1"
 
     def _start(self) -> bool:
@@ -294,8 +318,8 @@ def _serve() -> None:
     replies.flush()
     for line in sys.stdin:
         try:
-            ok = equal(*json.loads(line))
-        except Exception:
-            ok = False
-        replies.write("1\n" if ok else "0\n")
+            reply = "1" if equal(*json.loads(line)) else "0"
+        except Exception as error:  # reported, not hidden: the parent logs it and scores 0
+            reply = " ".join(f"{type(error).__name__}: {error}".split())[:200].encode("ascii", "replace").decode()
+        replies.write(reply + "\n")
         replies.flush()

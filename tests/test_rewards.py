@@ -4,6 +4,7 @@ Never raising and never hanging are correctness properties of a reward, so the a
 tests assert a (very generous) bound on each call; speed itself is measured elsewhere.
 """
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -159,22 +160,31 @@ def test_adversarial_inputs_return_within_bound(completion):
     assert format_reward(completion) in (0.0, 1.0)
 
 
-def test_overrunning_worker_is_killed_and_restarted(monkeypatch):
-    """A reply later than the timeout scores 0; the next call gets a fresh worker."""
-    rewards._math_equal.cache_clear()
+def test_overrunning_worker_is_killed_and_restarted(monkeypatch, caplog):
+    """A reply later than the timeout scores 0 (logged, not memoised); the next call gets a
+    fresh worker and the real verdict."""
     monkeypatch.setattr(rewards, "CALL_TIMEOUT_S", 0.0)
     assert correctness_reward(r"\boxed{123457}", "123457") == 0.0
     assert rewards._WORKER._proc is None  # killed
+    assert any("timed out" in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
-    rewards._math_equal.cache_clear()
-    assert correctness_reward(r"\boxed{123457}", "123457") == 1.0
+    assert correctness_reward(r"\boxed{123457}", "123457") == 1.0  # the timeout was not cached
+
+
+def test_an_error_inside_math_verify_is_logged_not_silent(caplog):
+    """The worker sends an exception back instead of a verdict: it scores 0 with a warning
+    (so ``verdicts_not_fallbacks`` catches it), and the worker stays up."""
+    verdict = rewards._WORKER.ask('["only", "two"]')  # equal() takes three arguments
+    assert verdict is None
+    assert any("math-verify raised" in r.getMessage() and "TypeError" in r.getMessage() for r in caplog.records)
+    assert rewards._WORKER.ask(json.dumps(["7", True, "7"])) is True
 
 
 def test_memoised_answers_skip_the_worker():
     correctness_reward(r"\boxed{31415}", "31415")
-    hits = rewards._math_equal.cache_info().hits
+    hits = rewards._verdict.cache_info().hits
     assert correctness_reward(r"The sum is \boxed{31415}", "31415") == 1.0
-    assert rewards._math_equal.cache_info().hits == hits + 1
+    assert rewards._verdict.cache_info().hits == hits + 1
 
 
 def test_calls_from_other_threads_work_and_are_bounded():
