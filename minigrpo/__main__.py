@@ -103,9 +103,10 @@ def gsm8k_command(args) -> dict:
         if getattr(args, name) is not None:
             setattr(run, name, getattr(args, name))
     result = gsm8k.run_gsm8k(run, progress=not args.no_progress)
-    print(f"[{run.name} configuration] GSM8K test accuracy {result['acc_before']:.3f} -> "
-          f"{result['acc_after']:.3f} (n = {result['n_eval']}, McNemar p = {result['p_value']:.3g}) "
-          f"after {result['steps']} steps")
+    if dist_info()[0] == 0:
+        print(f"[{run.name} configuration] GSM8K test accuracy {result['acc_before']:.3f} -> "
+              f"{result['acc_after']:.3f} (n = {result['n_eval']}, McNemar p = {result['p_value']:.3g}) "
+              f"after {result['steps']} steps")
     return result
 
 

@@ -27,7 +27,7 @@ from minigrpo.data import arithmetic_examples, warmup_examples
 from minigrpo.losses import aggregate
 from minigrpo.rollout import completion_logprobs, tokenize_prompts
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer, load_tiny, save_tiny
-from minigrpo.trainer import GRPOConfig, GRPOTrainer, dist_info, has_checkpoint, params_sha256
+from minigrpo.trainer import GRPOConfig, GRPOTrainer, adamw, dist_info, has_checkpoint, params_sha256
 
 
 @dataclass
@@ -79,7 +79,7 @@ def supervised_loss(model, tokenizer, batch: list[dict[str, str]]) -> torch.Tens
 def supervised_warmup(model, tokenizer, config: WarmupConfig, progress: bool = True) -> list[float]:
     """Train ``model`` on the teacher's demonstrations; returns the loss per step."""
     examples = warmup_examples(config.steps * config.batch_size, config.digits, config.sloppiness, config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = adamw(model.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / config.steps))
     )

@@ -161,8 +161,8 @@ def random_model(config, *, seed: int = 0, device: str = "cpu", dtype: torch.dty
     faithfully; what it generates is noise (EOS comes about once in ``|V|`` tokens, so completions
     run to the length limit: the worst case).
     """
-    torch.manual_seed(seed)
-    with torch.device(device):  # built in place: no CPU copy first; "meta" gives shapes only
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # the caller's RNG left alone
+        torch.manual_seed(seed)  # built in place: no CPU copy first; "meta" gives shapes only
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from minigrpo.advantages import SCALES, group_advantages
 from minigrpo.evaluation import EvalResult, evaluate
 from minigrpo.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, grpo_loss
-from minigrpo.metrics import MetricLog, reduce_updates
+from minigrpo.metrics import METRICS, REDUCE_OVER_UPDATES, MetricLog, reduce_updates
 from minigrpo.models import is_lora, peak_memory, reference_model
 from minigrpo.rewards import exact_match_reward
 from minigrpo.rollout import Rollout, completion_logprobs, model_device, rollout, unwrap
@@ -64,7 +64,7 @@ class GRPOConfig:
     group_size: int = 8
     """G, completions sampled per prompt; typical 4–16"""
     temperature: float = 1.0
-    """τ: completions are drawn from softmax(logits / τ), and every log-prob (ratio, KL, entropy) is of that distribution; 0.6–1.2"""
+    """τ: completions are drawn from softmax(logits / τ), and every log-prob (ratio, KL, entropy) is of that distribution; 0.6–1.0"""
     max_new_tokens: int = 4
     """L_max, the longest completion ``|o_i|`` in tokens (EOS included); also Dr. GRPO's constant ``max_len``"""
 
@@ -110,7 +110,7 @@ class GRPOConfig:
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay; 0–0.1"""
     max_grad_norm: float | None = 1.0
-    """clip the global gradient norm to this; None: no clipping (the norm is still logged)"""
+    """clip the global gradient norm to this (> 0); None: no clipping (the norm is still logged)"""
 
     # --- evaluation and bookkeeping
     eval_every: int = 25
@@ -147,11 +147,18 @@ class GRPOConfig:
             _check_number(self, name, int, low=1, optional=name in ("eval_max_new_tokens", "rows_per_pass"))
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             _check_number(self, name, int, low=0)
-        for name in ("beta", "alpha", "weight_decay", "eps_high", "max_grad_norm"):
-            _check_number(self, name, float, low=0, optional=name in ("eps_high", "max_grad_norm"))
+        for name in ("beta", "alpha", "weight_decay", "eps_high"):
+            _check_number(self, name, float, low=0, optional=name == "eps_high")
         _check_number(self, "eps_low", float, low=0, high=1)
-        for name in ("temperature", "lr"):
-            _check_number(self, name, float, low=0, strict=True)
+        for name in ("temperature", "lr", "max_grad_norm"):  # a norm of 0 would zero every gradient
+            _check_number(self, name, float, low=0, strict=True, optional=name == "max_grad_norm")
+        if (self.prompts_per_step * self.group_size) % self.num_minibatches:
+            raise ValueError(f"num_minibatches={self.num_minibatches} must divide prompts_per_step·group_size = "
+                             f"{self.prompts_per_step * self.group_size} sequences")
+        names = [f.__name__ for f in self.reward_funcs]
+        clashes = [n for n in names if names.count(n) > 1 or f"reward_{n}" in METRICS]
+        if clashes:  # each is logged as reward_<name>: the names must be distinct and new
+            raise ValueError(f"reward_funcs need distinct __name__s that are not logged metrics, got {clashes}")
 
     @property
     def eval_tokens(self) -> int:
@@ -203,6 +210,15 @@ def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
     return (groups.max(dim=1).values == groups.min(dim=1).values).float().mean().item()
 
 
+def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """torch's AdamW in its fused form: one kernel per step, on the CPU as on a GPU.
+
+    Fused also makes CPU runs reproducible across CPU vendors: its √v̂ is the processor's
+    correctly rounded square root, where the unfused step calls MKL's vector maths, whose
+    last bits differ between Intel and AMD processors."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def lr_lambda(config: GRPOConfig):
     """The multiplier of ``config.lr`` at each step: linear warm-up, then the schedule."""
 
@@ -236,14 +252,25 @@ def dist_info() -> tuple[int, int]:
 
 
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Average each metric over ranks (identity without torch.distributed)."""
-    rank, world_size = dist_info()
+    """Each metric over ranks: the mean, but ``REDUCE_OVER_UPDATES``' extremes (``ratio_min``,
+    ``ratio_max``) by min and max (identity without torch.distributed)."""
+    _, world_size = dist_info()
     if world_size == 1:
         return metrics
-    keys = sorted(k for k, v in metrics.items() if v is not None)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_dist_device())
-    dist.all_reduce(values)
-    return {**metrics, **dict(zip(keys, (values / world_size).tolist()))}
+    out = dict(metrics)
+    ops = {min: dist.ReduceOp.MIN, max: dist.ReduceOp.MAX}
+    present = sorted(k for k, v in metrics.items() if v is not None)
+    groups = {op: [k for k in present if ops.get(REDUCE_OVER_UPDATES.get(k)) == op] for op in ops.values()}
+    groups[dist.ReduceOp.SUM] = [k for k in present if k not in REDUCE_OVER_UPDATES]
+    for op, keys in groups.items():
+        if not keys:
+            continue
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_dist_device())
+        dist.all_reduce(values, op=op)
+        if op == dist.ReduceOp.SUM:
+            values /= world_size
+        out.update(zip(keys, values.tolist()))
+    return out
 
 
 def _dist_device() -> torch.device:
@@ -313,6 +340,9 @@ class GRPOTrainer:
         self.rank, self.world_size = dist_info()
         if config.prompts_per_step % self.world_size:
             raise ValueError(f"prompts_per_step={config.prompts_per_step} is not divisible by {self.world_size} ranks")
+        if (config.prompts_per_step // self.world_size * config.group_size) % config.num_minibatches:
+            raise ValueError(f"num_minibatches={config.num_minibatches} must divide each rank's "
+                             f"{config.prompts_per_step // self.world_size * config.group_size} sequences")
         self.model = model
         self.device = model_device(model)
         self.policy = model  # what the loss runs: DDP broadcasts rank 0's parameters to every rank
@@ -323,7 +353,7 @@ class GRPOTrainer:
         self.prompt_rng = random.Random(config.seed + self.rank)
         self.rng_state = self._seeded_rng_state(config.seed + self.rank)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = adamw(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.step = 0
         self.history: list[MetricLog] = []
@@ -408,12 +438,15 @@ class GRPOTrainer:
                     loss_type=c.loss_type, ratio_level=c.ratio_level, kl_estimator=c.kl_estimator,
                     max_len=c.max_new_tokens,
                 )
-                records.append({
-                    "loss": out.loss.item(), "policy_loss": out.policy_loss.item(),
-                    "kl": None if out.kl is None else out.kl.item(),  # None: no reference (β = 0)
-                    "kl_token_mean": None, "entropy": out.entropy.item(),
-                    "grad_norm": self.optimizer_step(out.loss), **out.metrics,
-                })
+                record = MetricLog(
+                    loss=out.loss.item(), policy_loss=out.policy_loss.item(),
+                    kl=None if out.kl is None else out.kl.item(),  # None: no reference (β = 0)
+                    entropy=out.entropy.item(), grad_norm=self.optimizer_step(out.loss),
+                )
+                record.update(out.metrics)  # a name grpo_loss shares with the above would raise
+                if "kl_token_mean" not in record:  # no reference (β = 0): logged as None, like "kl"
+                    record["kl_token_mean"] = None
+                records.append(record)
         self.model.train(was_training)  # back to the mode generation runs in (eval: KV cache on)
         return reduce_updates(records)
 
@@ -446,18 +479,24 @@ class GRPOTrainer:
 
     def evaluate(self) -> EvalResult:
         """Greedy held-out accuracy (``minigrpo.evaluation.evaluate`` scored by
-        ``accuracy_reward``), appended to ``evals``.  Under DDP each rank evaluates its share;
-        the counts are summed over ranks, the completions are this rank's."""
+        ``accuracy_reward``), appended to ``evals``.  Under DDP each rank evaluates every
+        ``world_size``-th problem and the results are gathered back into the examples' order,
+        so every rank holds the whole evaluation (counts, completions, per-problem verdicts)."""
         c = self.config
         mine = self.eval_examples[self.rank :: self.world_size]
         result = evaluate(self.model, self.tokenizer, mine, c.accuracy_reward, max_new_tokens=c.eval_tokens,
                           batch_size=c.eval_batch_size, step=self.step)
         if self.world_size > 1:
-            counts = torch.tensor([result.correct, result.n, result.truncated_frac * result.n],
-                                  dtype=torch.float64, device=_dist_device())
-            dist.all_reduce(counts)
-            correct, n, truncated = counts.tolist()
-            result = dataclasses.replace(result, n=int(n), correct=int(correct), truncated_frac=truncated / max(n, 1))
+            shares = [None] * self.world_size
+            dist.all_gather_object(shares, (result.completions, result.correct_mask, result.truncated_frac * result.n))
+            n = len(self.eval_examples)
+            completions, correct_mask = [None] * n, [False] * n
+            for rank, (texts, verdicts, _) in enumerate(shares):
+                completions[rank :: self.world_size] = texts
+                correct_mask[rank :: self.world_size] = verdicts
+            truncated = sum(share[2] for share in shares)
+            result = EvalResult(step=self.step, n=n, correct=sum(correct_mask), truncated_frac=truncated / max(n, 1),
+                                completions=completions, correct_mask=correct_mask)
         self.evals.append(result)
         return result
 

@@ -25,3 +25,6 @@ def test_two_ranks_end_with_identical_parameters(tmp_path):
     ranks = result["params_sha256_per_rank"]
     assert len(ranks) == 2 and ranks[0] == ranks[1] == result["params_sha256"]
     assert any(h["grad_norm"] > 0 for h in result["history"])  # the ranks had gradients to share
+    # each rank evaluated half the held-out problems; the result covers all of them
+    assert all(e["n"] == result["config"]["eval_size"] for e in result["evals"])
+    assert all(h["ratio_min"] <= h["ratio_mean"] <= h["ratio_max"] for h in result["history"])

@@ -180,8 +180,8 @@ def test_greedy_completions_match_greedy_decoding_by_hand():
 
 def test_shared_prefill_samples_the_same_distribution():
     """Prefilling each prompt once and copying its cache to the G samples changes the random
-    draws, not the law: first-token frequencies still match softmax(logits / τ), and with one
-    sample per prompt both paths decode the same greedy tokens."""
+    draws, not the law: first-token frequencies still match softmax(logits / τ), and the
+    second token's frequencies match those of plain sampling (the copies carry the context)."""
     model, tokenizer = small_world()
     tau, n = 1.3, 4000
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2=", "45+67="])  # left-padded
