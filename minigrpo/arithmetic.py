@@ -27,7 +27,7 @@ from minigrpo.data import arithmetic_examples, warmup_examples
 from minigrpo.losses import aggregate
 from minigrpo.rollout import completion_logprobs, tokenize_prompts
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer, load_tiny, save_tiny
-from minigrpo.trainer import GRPOConfig, GRPOTrainer, adamw, dist_info, has_checkpoint, params_sha256
+from minigrpo.trainer import GRPOConfig, GRPOTrainer, check_number, adamw, dist_info, has_checkpoint, params_sha256
 
 
 @dataclass
@@ -50,6 +50,15 @@ class WarmupConfig:
     """the tiny model's shape"""
     seed: int = 0
     """seeds initialisation, data and batch order"""
+
+    def __post_init__(self):
+        for name in ("digits", "steps", "batch_size"):
+            check_number(self, name, int, low=1)
+        check_number(self, "seed", int, low=0)
+        check_number(self, "lr", float, low=0, strict=True)
+        check_number(self, "sloppiness", float, low=0)
+        if self.sloppiness > 1:
+            raise ValueError(f"sloppiness is a probability in [0, 1], got {self.sloppiness!r}")
 
 
 TINY_WARMUP = dict(

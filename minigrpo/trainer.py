@@ -144,14 +144,14 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_updates", "num_minibatches",
                      "eval_size", "eval_batch_size", "eval_max_new_tokens", "rows_per_pass"):
-            _check_number(self, name, int, low=1, optional=name in ("eval_max_new_tokens", "rows_per_pass"))
+            check_number(self, name, int, low=1, optional=name in ("eval_max_new_tokens", "rows_per_pass"))
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            _check_number(self, name, int, low=0)
+            check_number(self, name, int, low=0)
         for name in ("beta", "alpha", "weight_decay", "eps_high"):
-            _check_number(self, name, float, low=0, optional=name == "eps_high")
-        _check_number(self, "eps_low", float, low=0, high=1)
+            check_number(self, name, float, low=0, optional=name == "eps_high")
+        check_number(self, "eps_low", float, low=0, high=1)
         for name in ("temperature", "lr", "max_grad_norm"):  # a norm of 0 would zero every gradient
-            _check_number(self, name, float, low=0, strict=True, optional=name == "max_grad_norm")
+            check_number(self, name, float, low=0, strict=True, optional=name == "max_grad_norm")
         if (self.prompts_per_step * self.group_size) % self.num_minibatches:
             raise ValueError(f"num_minibatches={self.num_minibatches} must divide prompts_per_step·group_size = "
                              f"{self.prompts_per_step * self.group_size} sequences")
@@ -173,7 +173,7 @@ class GRPOConfig:
         return values
 
 
-def _check_number(config, name: str, kind: type, low: float, high: float = math.inf,
+def check_number(config, name: str, kind: type, low: float, high: float = math.inf,
                   strict: bool = False, optional: bool = False) -> None:
     """``config.name`` is a finite ``kind`` (int, or float accepting ints) in [low, high), or
     (low, high) when ``strict``; None allowed when ``optional``."""

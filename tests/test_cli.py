@@ -58,3 +58,24 @@ def test_cli_help_lists_the_options(capsys):
         build_parser().parse_args(["arithmetic", "--help"])
     out = capsys.readouterr().out
     assert "--resume" in out and "--checkpoint-dir" in out and "--shuffle-rewards" in out
+
+
+def test_small_model_command_builds_its_run_and_prints_the_result(monkeypatch, capsys, tmp_path):
+    """``small-model --seed S [--shuffle-rewards] [--set …]`` hands the configuration to
+    run_gsm8k (replaced here: the real run takes minutes) and writes what it returns."""
+    from minigrpo import gsm8k
+
+    seen = {}
+
+    def fake_run(run, progress=True):
+        seen["run"] = run
+        return {"acc_before": 0.25, "acc_after": 0.5, "n_eval": run.grpo.eval_size, "p_value": 0.01}
+
+    monkeypatch.setattr(gsm8k, "run_gsm8k", fake_run)
+    out = tmp_path / "small.json"
+    main(["small-model", "--seed", "2", "--shuffle-rewards", "--set", "steps=3", "--out", str(out), "--threads", "1"])
+    run = seen["run"]
+    assert run.name == "small-model" and run.task == "word_problems" and run.model == "smoke"
+    assert run.grpo.seed == 2 and run.grpo.shuffle_rewards and run.grpo.steps == 3
+    assert json.loads(out.read_text())["n_eval"] == run.grpo.eval_size
+    assert "0.250 -> 0.500" in capsys.readouterr().out

@@ -16,6 +16,7 @@ def smoke():
     return models.load_smoke_model()
 
 
+@pytest.mark.slow
 def test_smoke_model_loads_offline_with_a_chat_template(smoke, monkeypatch):
     model, tokenizer = smoke
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
@@ -36,6 +37,7 @@ def _perturb_adapter(model):
                 param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_base_model(smoke):
     model, tokenizer = smoke
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["2+2=", "The capital of France is"])

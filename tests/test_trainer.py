@@ -85,6 +85,14 @@ def test_config_rejects_bad_values_when_built(overrides, name):
         GRPOConfig(**overrides)
 
 
+@pytest.mark.parametrize("overrides, name", [
+    (dict(sloppiness=1.5), "sloppiness"), (dict(steps=0), "steps"), (dict(lr=0.0), "lr"), (dict(digits=1.0), "digits"),
+])
+def test_warmup_config_rejects_bad_values_when_built(overrides, name):
+    with pytest.raises(ValueError, match=name):
+        WarmupConfig(**overrides)
+
+
 def test_config_to_dict_names_the_reward_functions():
     values = GRPOConfig(reward_funcs=(exact_match_reward, format_reward), reward_weights=(1, 0.5)).to_dict()
     assert values["reward_funcs"] == ["exact_match_reward", "format_reward"]
