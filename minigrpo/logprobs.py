@@ -7,7 +7,7 @@ per position:
     H(π(· | q, o_<t))   = −Σ_v π_v log π_v                   (the entropy of the next-token law)
 
 The obvious code, ``log_softmax(x).gather(-1, tokens)``, materialises a float32 copy of the
-whole [B, T, V] tensor (1.2 GB for 4 × 512 × 151,936 Qwen logits), and its backward two more.
+whole [B, T, V] tensor (1.16 GiB for 4 × 512 × 151,936 Qwen logits in float32), and its backward two more.
 Here one ``torch.autograd.Function`` walks over the rows in chunks of a few MB: the forward
 keeps only a reference to the logits and one float per row; the backward recomputes the softmax
 chunk by chunk.  Extra memory is a few chunks, whatever the sequence length.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 CHUNK_ELEMENTS = 2**22
-"""Logits per chunk (16 MB in float32; a chunk's float32 temporaries are 2 to 4 of these).
+"""Logits per chunk (16 MiB in float32; a chunk's float32 temporaries are 2 to 4 of these).
 Large enough that the per-chunk overhead stays small even on a busy 2-core CPU, small enough to
 stay far below 0.1 × the logits of a long-vocabulary batch.  Tuned with
 ``benchmarks/logprobs_memory.py``."""
