@@ -5,7 +5,9 @@ with rewards r_1..r_G, and uses the group itself as the baseline:
 
     Â_i = (r_i − mean_j r_j) / (std_j r_j + δ)
 
-δ is a small floor (the keyword ``eps``) that keeps the division finite.  Every token of
+δ is a small floor (the keyword ``eps``) that keeps the division finite.  The baseline
+mean_j r_j includes r_i itself; ``baseline="leave_one_out"`` uses the mean of the other G − 1
+instead (RLOO), which is the same advantage times G/(G − 1).  Every token of
 completion i shares the advantage Â_i.  Rewards arrive as one flat vector of
 N = prompts × G values in which consecutive blocks of G form one group (TRL's layout).
 """
@@ -18,9 +20,10 @@ import numbers
 import torch
 
 SCALES = ("group", "batch", "none")
+BASELINES = ("mean", "leave_one_out")
 
 
-def _validate(rewards: torch.Tensor, group_size: int, scale: str, eps: float) -> None:
+def _validate(rewards: torch.Tensor, group_size: int, scale: str, eps: float, baseline: str) -> None:
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError("rewards must be a 1-D tensor [N]")
     if not rewards.is_floating_point():
@@ -35,6 +38,10 @@ def _validate(rewards: torch.Tensor, group_size: int, scale: str, eps: float) ->
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if baseline == "leave_one_out" and group_size < 2:
+        raise ValueError("baseline='leave_one_out' needs group_size >= 2 (the others of the group)")
 
 
 def _std(x: torch.Tensor, dim=None) -> torch.Tensor:
@@ -54,12 +61,19 @@ def _std(x: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, *, baseline: str = "mean"
 ) -> torch.Tensor:
-    """Group-relative advantages Â_i = (r_i − mean_j r_j) / (std_j r_j + δ).
+    """Group-relative advantages Â_i = (r_i − b_i) / (std_j r_j + δ).
 
-    The mean is always the mean of i's own group (j runs over the G = ``group_size`` completions
-    of the same prompt).  ``scale`` picks the denominator:
+    The baseline b_i comes from i's own group (j runs over the G = ``group_size`` completions
+    of the same prompt).  ``baseline`` picks it:
+
+    - ``"mean"`` (GRPO): b_i = mean_j r_j, which includes r_i itself;
+    - ``"leave_one_out"`` (RLOO): b_i = mean_{j≠i} r_j, the mean of the *other* G − 1, so that
+      b_i does not depend on o_i.  Then r_i − b_i = G/(G − 1) · (r_i − mean_j r_j): the same
+      direction as GRPO's, larger by G/(G − 1) (GRPO's numerator is (G − 1)/G of RLOO's).
+
+    ``scale`` picks the denominator:
 
     - ``"group"`` (DeepSeekMath GRPO): std_j over the group, Bessel-corrected (÷ (G − 1)).
     - ``"batch"``: the Bessel-corrected std over all N rewards (TRL's ``scale_rewards="batch"``).
@@ -74,12 +88,15 @@ def group_advantages(
         group_size: G, a positive int dividing N.
         scale: "group", "batch" or "none".
         eps: the floor δ ≥ 0 added to the std (typical 1e-4, as TRL); ignored for "none".
+        baseline: "mean" or "leave_one_out" (G ≥ 2).
     Returns:
         [N] advantages, same dtype as ``rewards``.
     """
-    _validate(rewards, group_size, scale, eps)
+    _validate(rewards, group_size, scale, eps, baseline)
     grouped = rewards.view(-1, group_size)  # (prompts, G)
     centred = grouped - grouped.mean(dim=1, keepdim=True)  # (prompts, G)
+    if baseline == "leave_one_out":  # r_i − mean_{j≠i} r_j, written without the sum of the others
+        centred = centred * (group_size / (group_size - 1))
     flat = grouped[:, :1] == grouped  # (prompts, G)
     flat_group = flat.all(dim=1, keepdim=True)  # (prompts, 1): all rewards equal
     if scale == "group":

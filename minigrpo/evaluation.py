@@ -6,6 +6,10 @@ reward function; the trainer, both experiments, the book and the benchmarks all 
     result = evaluate(model, tokenizer, examples, correctness_reward, max_new_tokens=512)
     result.accuracy, result.interval, result.truncated_frac
     mcnemar_p_value(before.correct_mask, after.correct_mask)   # same problems, before vs after
+
+Sampled evaluation, pass@k: ``sampled_pass_at_k`` draws n completions per problem from
+softmax(logits / τ), counts the correct ones, and averages the unbiased estimator
+``pass_at_k(n, c, k)`` over problems.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from minigrpo.rollout import greedy_decode
+from minigrpo.rollout import decode_completions, greedy_decode, sample_completions, tokenize_prompts, model_device
 
 
 @dataclass
@@ -117,3 +121,41 @@ def detectable_difference(n: int, discordant: int, alpha: float = 0.01) -> float
         if _mcnemar(discordant - c, c) < alpha:
             return (2 * c - discordant) / n
     return math.inf
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k, the chance that at least one of k samples is correct,
+    from n ≥ k samples of which c are correct (Chen et al., 2021):
+
+        pass@k = 1 − C(n − c, k) / C(n, k) = 1 − Π_{i = n−c+1}^{n} (1 − k / i)
+
+    (the product form never builds the large binomials).  pass@1 is c / n.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 ≤ c ≤ n and 1 ≤ k ≤ n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def sampled_pass_at_k(model, tokenizer, examples, reward, *, n: int, ks, temperature: float = 1.0,
+                      max_new_tokens: int, prompts_per_batch: int = 16) -> dict:
+    """pass@k for each k in ``ks``: n samples per problem from softmax(logits / τ), scored by
+    ``reward(completion, answer) == 1``, the unbiased estimator averaged over problems.
+
+    Returns ``{"pass_at_k": {k: mean}, "correct": [c per problem], "n": n}``.  Sampling uses
+    torch's global RNG: seed it (or fork it) for a reproducible estimate.
+    """
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"every k must be in [1, n={n}], got {list(ks)}")
+    correct = []
+    for i in range(0, len(examples), prompts_per_batch):
+        batch = examples[i : i + prompts_per_batch]
+        prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [ex["prompt"] for ex in batch], model_device(model))
+        ids, mask, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=n,
+                                          temperature=temperature, max_new_tokens=max_new_tokens)  # (B·n, T)
+        texts = decode_completions(tokenizer, ids, mask)
+        for j, ex in enumerate(batch):
+            correct.append(sum(reward(t, ex["answer"]) == 1.0 for t in texts[j * n : (j + 1) * n]))
+    means = {k: sum(pass_at_k(n, c, k) for c in correct) / max(len(correct), 1) for k in ks}
+    return {"pass_at_k": means, "correct": correct, "n": n}

@@ -21,6 +21,7 @@ import torch
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 RATIO_LEVELS = ("token", "sequence")
+SURROGATES = ("clip", "cispo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -102,11 +103,14 @@ def aggregate(
 
         "grpo"    (DeepSeekMath):  1/N Σ_i [ Σ_t m·x / max(Σ_t m, 1) ]   every sequence weighs the same
         "dapo"    (DAPO):          Σ_i Σ_t m·x / max(Σ_i Σ_t m, 1)      every token weighs the same
-        "dr_grpo" (Dr. GRPO):      Σ_i Σ_t m·x / (N · max_len)          a constant normaliser
+        "dr_grpo" (Dr. GRPO):      Σ_i Σ_t m·x / (N · max_len)          constant when max_len is
 
     "grpo" gives a token of a short completion more weight than one of a long completion (the
-    length bias Dr. GRPO points out).  ``max_len`` (default T) is the generation budget; it must
-    be an int ≥ T and only "dr_grpo" uses it.  An all-padding row counts as a zero term.
+    length bias Dr. GRPO points out).  ``max_len`` is the generation budget L_max; it must be an
+    int ≥ T and only "dr_grpo" uses it.  Pass it: the default, T, is this batch's padded length,
+    which changes from batch to batch (then "dr_grpo" divides by a batch-dependent N·T, and is
+    a constant normaliser only across batches padded to the same T).  The trainer passes
+    ``max_new_tokens``.  An all-padding row counts as a zero term.
     """
     _check_2d(per_token, "per_token")
     m = check_mask(mask, per_token.shape)
@@ -157,6 +161,22 @@ def clipped_surrogate(
     unclipped = ratio * adv  # (N, T)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv  # (N, T)
     return -torch.minimum(unclipped, clipped)
+
+
+def cispo_surrogate(
+    ratio: torch.Tensor, logprobs: torch.Tensor, advantages: torch.Tensor, eps_high: float
+) -> torch.Tensor:
+    """CISPO's policy-gradient loss per token (MiniMax-M1), [N, T]:
+
+        pg_{i,t} = −sg( min(ρ_{i,t}, 1 + ε_high) ) · Â_i · log π_θ(o_{i,t} | q, o_{i,<t})
+
+    sg is stop-gradient.  The importance weight is capped and treated as a constant, so every
+    token keeps the gradient −ρ̂·Â·∇log π_θ, where PPO's clip (``clipped_surrogate``) gives a
+    clipped token no gradient at all.  At ρ ≡ 1 its gradient is the clipped surrogate's; its
+    value is not (−Â·log π_θ, not −Â).
+    """
+    weight = ratio.detach().clamp(max=1 + eps_high)  # (N, T), a constant
+    return -weight * advantages[:, None] * logprobs
 
 
 # --------------------------------------------------------------------------- the whole loss
@@ -213,7 +233,8 @@ def loss_metrics(
 
 
 def _check_grpo_inputs(logprobs, old_logprobs, advantages, ref_logprobs, entropy, beta, alpha,
-                       eps_low, eps_high, loss_type, ratio_level, kl_estimator) -> None:  # fmt: skip
+                       eps_low, eps_high, loss_type, ratio_level, kl_estimator, surrogate,
+                       kl_bias_correction) -> None:  # fmt: skip
     _check_2d(logprobs, "logprobs")
     _check_tensor(old_logprobs, "old_logprobs", logprobs.shape)
     _check_tensor(advantages, "advantages", logprobs.shape[:1])
@@ -235,6 +256,11 @@ def _check_grpo_inputs(logprobs, old_logprobs, advantages, ref_logprobs, entropy
     _check_choice(loss_type, LOSS_TYPES, "loss_type")
     _check_choice(ratio_level, RATIO_LEVELS, "ratio_level")
     _check_choice(kl_estimator, KL_ESTIMATORS, "kl_estimator")
+    _check_choice(surrogate, SURROGATES, "surrogate")
+    if not isinstance(kl_bias_correction, bool):
+        raise ValueError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
+    if surrogate == "cispo" and ratio_level != "token":
+        raise ValueError("surrogate='cispo' weighs each token by its own ratio: it needs ratio_level='token'")
 
 
 def grpo_loss(
@@ -253,11 +279,14 @@ def grpo_loss(
     ratio_level: str = "token",
     kl_estimator: str = "k3",
     max_len: int | None = None,
+    surrogate: str = "clip",
+    kl_bias_correction: bool = False,
 ) -> LossOutput:
     """The GRPO objective on one batch of completions.
 
         loss = agg(pg) + β · agg(kl) − α · agg(H)
         pg_{i,t} = −min(ρ Â_i, clip(ρ, 1 − ε_low, 1 + ε_high) Â_i)      (``clipped_surrogate``)
+        kl_{i,t} = k3(log π_θ, log π_ref)                               (``kl_penalty``)
 
     Args:
         logprobs: [N, T] log π_θ(o_{i,t} | q, o_{i,<t}), differentiable.
@@ -273,13 +302,21 @@ def grpo_loss(
         loss_type: "grpo", "dapo" or "dr_grpo" (see ``aggregate``).
         ratio_level: "token" (GRPO) or "sequence" (GSPO) (see ``importance_ratio``).
         kl_estimator: "k1", "k2" or "k3" (see ``kl_penalty``).
-        max_len: generation budget for "dr_grpo" (default T).
+        max_len: L_max, the generation budget "dr_grpo" divides by; default T, this batch's
+            padded length, which varies from batch to batch (see ``aggregate``).
+        surrogate: "clip" (PPO/GRPO, ``clipped_surrogate``) or "cispo" (MiniMax-M1,
+            ``cispo_surrogate``: the weight capped at 1 + eps_high, no lower clip; token ratios).
+        kl_bias_correction: multiply each token's KL estimate by its ratio ρ_{i,t} (with its
+            gradient), kl_{i,t} = ρ_{i,t} · k(…): the importance-weighted KL of DeepSeek-V3.2 and
+            TRL's ``use_bias_correction_kl``, whose expectation over samples of π_θold is the
+            KL of π_θ, and whose gradient is the reverse KL's (chapter 4).
     Returns:
         ``LossOutput``; the KL (entropy) term is reported whenever ref_logprobs (entropy) is
         given and enters the loss only when beta (alpha) > 0.
     """
     _check_grpo_inputs(logprobs, old_logprobs, advantages, ref_logprobs, entropy, beta, alpha,
-                       eps_low, eps_high, loss_type, ratio_level, kl_estimator)  # fmt: skip
+                       eps_low, eps_high, loss_type, ratio_level, kl_estimator, surrogate,
+                       kl_bias_correction)  # fmt: skip
     m = check_mask(mask, logprobs.shape)  # (N, T) bool
     eps_high = eps_low if eps_high is None else eps_high
 
@@ -293,12 +330,18 @@ def grpo_loss(
         return aggregate(x, m, loss_type, max_len)
 
     ratio = importance_ratio(logprobs, old_logprobs, m, ratio_level)  # (N, T)
-    policy_loss = agg(clipped_surrogate(ratio, advantages, eps_low, eps_high))
+    if surrogate == "clip":
+        policy_loss = agg(clipped_surrogate(ratio, advantages, eps_low, eps_high))
+        metrics = loss_metrics(ratio, advantages, m, eps_low, eps_high)
+    else:  # no lower clip: nothing counts as clipped below
+        policy_loss = agg(cispo_surrogate(ratio, logprobs, advantages, eps_high))
+        metrics = loss_metrics(ratio, advantages, m, 1.0, eps_high)
     loss = policy_loss
-    metrics = loss_metrics(ratio, advantages, m, eps_low, eps_high)
     kl = None
     if ref_logprobs is not None:
         per_token_kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)  # (N, T)
+        if kl_bias_correction:
+            per_token_kl = ratio * per_token_kl
         kl = agg(per_token_kl)
         metrics["kl_token_mean"] = _masked_mean(per_token_kl.detach(), m)
         if beta > 0:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 METRICS = {
     "step": "GRPO step",
-    "reward_mean": "mean reward over the batch",
-    "reward_std": "reward std over the batch",
+    "reward_mean": "mean reward of the step's samples",
+    "reward_std": "reward std over the step's samples",
     "zero_std_frac": "fraction of groups with equal rewards",
+    "groups_sampled": "groups sampled (prompts rolled out)",
     "truncated_frac": "fraction of completions cut at max_new_tokens",
     "loss": "loss (as minimised)",
     "policy_loss": "policy-gradient loss",
@@ -35,7 +36,7 @@ METRICS = {
     "accuracy": "held-out accuracy (greedy)",
 }
 """Every number the trainer logs, by name, with its axis label.  Each is computed in exactly one
-place: ``train_step`` (rewards, lengths, time), ``grpo_loss``'s metrics (clip fractions, ratios,
+place: ``sample_batch`` (rewards, sampled groups, truncation), ``train_step`` (time), ``grpo_loss``'s metrics (clip fractions, ratios,
 token means), ``policy_updates`` (loss terms, gradient norm), ``evaluate`` (accuracy).  Besides
 these, ``reward_<name>`` is the batch mean of the reward function ``<name>``."""
 

@@ -178,6 +178,46 @@ def score(model, prompt_ids, prompt_mask, completion_ids, completion_mask, tempe
     return torch.cat(parts)  # (N, T)
 
 
+def select_groups(batch: Rollout, groups: list[int], group_size: int) -> Rollout:
+    """The rows of the given groups (group g is rows g·G … g·G + G − 1), in that order."""
+    rows = torch.tensor([g * group_size + j for g in groups for j in range(group_size)], dtype=torch.long)
+
+    def take(x):
+        return None if x is None else x[rows.to(x.device)]
+
+    return Rollout(
+        prompt_ids=take(batch.prompt_ids), prompt_mask=take(batch.prompt_mask),
+        completion_ids=take(batch.completion_ids), completion_mask=take(batch.completion_mask),
+        truncated=take(batch.truncated), old_logprobs=take(batch.old_logprobs), ref_logprobs=take(batch.ref_logprobs),
+        completions=[batch.completions[i] for i in rows.tolist()], answers=[batch.answers[i] for i in rows.tolist()],
+    )
+
+
+def concat_rollouts(batches: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout from several: prompts left-padded and completions right-padded to the longest
+    (padding: ``pad_token_id``, mask 0, log-probs 0), rows in order."""
+    L = max(b.prompt_ids.shape[1] for b in batches)
+    T = max(b.completion_ids.shape[1] for b in batches)
+
+    def pad(x, width, left, value):
+        if x is None:
+            return None
+        extra = width - x.shape[1]
+        return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+    def cat(name, width, left, value):
+        parts = [pad(getattr(b, name), width, left, value) for b in batches]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    return Rollout(
+        prompt_ids=cat("prompt_ids", L, True, pad_token_id), prompt_mask=cat("prompt_mask", L, True, 0),
+        completion_ids=cat("completion_ids", T, False, pad_token_id), completion_mask=cat("completion_mask", T, False, 0),
+        truncated=torch.cat([b.truncated for b in batches]),
+        old_logprobs=cat("old_logprobs", T, False, 0.0), ref_logprobs=cat("ref_logprobs", T, False, 0.0),
+        completions=[c for b in batches for c in b.completions], answers=[a for b in batches for a in b.answers],
+    )
+
+
 def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:
     """Completions as text: the masked tokens, special tokens (EOS, padding) dropped."""
     return [

@@ -37,13 +37,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from minigrpo.advantages import SCALES, group_advantages
+from minigrpo.advantages import BASELINES, SCALES, group_advantages
 from minigrpo.evaluation import EvalResult, evaluate
-from minigrpo.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, grpo_loss
+from minigrpo.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SURROGATES, grpo_loss
 from minigrpo.metrics import METRICS, REDUCE_OVER_UPDATES, MetricLog, reduce_updates
 from minigrpo.models import is_lora, peak_memory, reference_model
 from minigrpo.rewards import exact_match_reward
-from minigrpo.rollout import Rollout, completion_logprobs, model_device, rollout, unwrap
+from minigrpo.rollout import Rollout, completion_logprobs, concat_rollouts, model_device, rollout, select_groups, unwrap
 
 RewardFunc = Callable[[str, str], float]
 """r(completion, answer) -> float"""
@@ -79,6 +79,14 @@ class GRPOConfig:
     """the control: permute rewards at random within the batch, cutting them from completions"""
     advantage_scale: str = "group"
     """Â's denominator (``scale`` of ``group_advantages``): "group" (std of the group), "batch" (std of the batch), "none" (Dr. GRPO)"""
+    advantage_baseline: str = "mean"
+    """b_i, subtracted from r_i (``baseline`` of ``group_advantages``): "mean" of the group (GRPO, r_i included) or "leave_one_out" (RLOO: the other G − 1)"""
+    overlong_cache: int = 0
+    """L_cache of DAPO's soft overlong punishment: past max_new_tokens − L_cache tokens the reward falls linearly, by 1 at the limit; 0: off"""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal and roll out more prompts until the step has its prompts_per_step groups"""
+    max_sampling_rounds: int = 4
+    """the most rollouts one step draws with dynamic_sampling; after them it trains on the groups it has (all of the first rollout if none has signal)"""
 
     # --- the loss L_PG + β·L_KL − α·H
     num_updates: int = 1
@@ -99,6 +107,12 @@ class GRPOConfig:
     """"token": ρ per token (GRPO); "sequence": one length-normalised ρ per completion (GSPO)"""
     kl_estimator: str = "k3"
     """Schulman's estimator of KL(π_θ‖π_ref) per token: "k1", "k2" or "k3" (the paper's)"""
+    kl_bias_correction: bool = False
+    """weight each token's KL estimate by its ratio ρ (DeepSeek-V3.2; TRL's use_bias_correction_kl): its gradient becomes the reverse KL's"""
+    surrogate: str = "clip"
+    """the per-token policy loss: "clip" (PPO/GRPO) or "cispo" (MiniMax-M1: a capped, stop-gradient weight ρ ≤ 1 + ε_high; every token keeps its gradient)"""
+    mask_truncated: bool = False
+    """overlong filtering (DAPO): completions cut at max_new_tokens, with no EOS, are masked out of the loss"""
 
     # --- the optimiser (AdamW)
     lr: float = 1e-4
@@ -138,15 +152,24 @@ class GRPOConfig:
             raise ValueError("reward_funcs and reward_weights must have the same length")
         if not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in self.reward_weights):
             raise ValueError(f"reward_weights must be finite numbers, got {self.reward_weights!r}")
-        for name, choices in (("advantage_scale", SCALES), ("loss_type", LOSS_TYPES), ("ratio_level", RATIO_LEVELS),
-                              ("kl_estimator", KL_ESTIMATORS), ("lr_schedule", LR_SCHEDULES)):
+        for name, choices in (("advantage_scale", SCALES), ("advantage_baseline", BASELINES), ("loss_type", LOSS_TYPES),
+                              ("ratio_level", RATIO_LEVELS), ("kl_estimator", KL_ESTIMATORS), ("surrogate", SURROGATES),
+                              ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("shuffle_rewards", "dynamic_sampling", "kl_bias_correction", "mask_truncated", "shared_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_updates", "num_minibatches",
-                     "eval_size", "eval_batch_size", "eval_max_new_tokens", "rows_per_pass"):
+                     "eval_size", "eval_batch_size", "eval_max_new_tokens", "rows_per_pass", "max_sampling_rounds"):
             check_number(self, name, int, low=1, optional=name in ("eval_max_new_tokens", "rows_per_pass"))
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             check_number(self, name, int, low=0)
+        check_number(self, "overlong_cache", int, low=0, high=self.max_new_tokens)
+        if self.advantage_baseline == "leave_one_out" and self.group_size < 2:
+            raise ValueError("advantage_baseline='leave_one_out' needs group_size >= 2")
+        if self.surrogate == "cispo" and self.ratio_level != "token":
+            raise ValueError("surrogate='cispo' needs ratio_level='token'")
         for name in ("beta", "alpha", "weight_decay", "eps_high"):
             check_number(self, name, float, low=0, optional=name == "eps_high")
         check_number(self, "eps_low", float, low=0, high=1)
@@ -202,6 +225,23 @@ def compute_rewards(
         total += weight * values
         means[f"reward_{func.__name__}"] = values.mean().item()
     return total, means
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, cache: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment for completions of ``lengths`` tokens, (N,):
+
+        R_length(|o|) = 0                                  if |o| ≤ L_max − L_cache
+                        ((L_max − L_cache) − |o|) / L_cache  if L_max − L_cache < |o| ≤ L_max
+
+    so a completion that reaches the limit L_max (``max_len``) loses 1.  ``cache`` = L_cache > 0.
+    """
+    return ((max_len - cache) - lengths.float()).clamp(max=0) / cache
+
+
+def live_groups(rewards: torch.Tensor, group_size: int) -> list[int]:
+    """The groups whose rewards are not all equal (the ones with a learning signal)."""
+    groups = rewards.view(-1, group_size)  # (P, G)
+    return (groups.max(dim=1).values != groups.min(dim=1).values).nonzero().flatten().tolist()
 
 
 def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
@@ -291,16 +331,28 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
     """The same hyperparameters as keyword arguments of TRL's ``trl.GRPOConfig`` (TRL 1.16).
 
     minigrpo's "dapo" (token mean of the mini-batch) is TRL's "bnpo"; TRL's own "dapo" divides
-    by the tokens of the whole generation batch.  A TRL step is one optimiser step, so step
-    counts are multiplied by the updates per rollout.  TRL has no counterpart for α > 0, the
-    k1/k2 estimators or shuffled rewards: those raise ``ValueError``.
+    by the tokens of the whole generation batch.  CISPO is TRL's ``loss_type="cispo"``, whose
+    token mean is over the generation batch too and whose ``epsilon_high`` is the cap on the
+    weight itself, 1 + ε_high: it matches minigrpo's cispo with "dapo" and one mini-batch.  A
+    TRL step is one optimiser step, so step counts are multiplied by the updates per rollout.
+    TRL has no counterpart for α > 0, the k1/k2 estimators, shuffled rewards, the
+    leave-one-out baseline, dynamic sampling or the overlong penalty (TRL has it as a reward
+    function, ``trl.rewards.get_soft_overlong_punishment``): those raise ``ValueError``.
     """
-    if config.alpha != 0 or config.kl_estimator != "k3" or config.shuffle_rewards:
-        raise ValueError("TRL has no counterpart for alpha != 0, kl_estimator != 'k3' or shuffle_rewards")
+    unsupported = dict(alpha=config.alpha != 0, kl_estimator=config.kl_estimator != "k3",
+                       shuffle_rewards=config.shuffle_rewards, advantage_baseline=config.advantage_baseline != "mean",
+                       dynamic_sampling=config.dynamic_sampling, overlong_cache=config.overlong_cache > 0)
+    if any(unsupported.values()):
+        raise ValueError(f"TRL has no counterpart for {[k for k, v in unsupported.items() if v]}")
     n = config.prompts_per_step * config.group_size  # sequences per rollout
-    if n % config.num_minibatches:
-        raise ValueError(f"num_minibatches={config.num_minibatches} does not divide {n} sequences")
     updates = config.num_updates * config.num_minibatches
+    eps_high = config.eps_low if config.eps_high is None else config.eps_high
+    if config.surrogate == "cispo":
+        if config.loss_type != "dapo" or config.num_minibatches != 1:
+            raise ValueError("TRL's cispo is minigrpo's cispo with loss_type='dapo' and one mini-batch")
+        loss_type, epsilon_high = "cispo", 1 + eps_high
+    else:
+        loss_type, epsilon_high = {"dapo": "bnpo"}.get(config.loss_type, config.loss_type), eps_high
     schedule = "constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps else config.lr_schedule
     return dict(
         seed=config.seed, max_steps=config.steps * updates, num_generations=config.group_size,
@@ -308,9 +360,8 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
         gradient_accumulation_steps=1, num_iterations=config.num_updates,
         max_completion_length=config.max_new_tokens, temperature=config.temperature,
         top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
-        beta=config.beta, use_bias_correction_kl=False, epsilon=config.eps_low,
-        epsilon_high=config.eps_low if config.eps_high is None else config.eps_high,
-        loss_type={"dapo": "bnpo"}.get(config.loss_type, config.loss_type),
+        beta=config.beta, use_bias_correction_kl=config.kl_bias_correction, epsilon=config.eps_low,
+        epsilon_high=epsilon_high, loss_type=loss_type, mask_truncated_completions=config.mask_truncated,
         importance_sampling_level=config.ratio_level, scale_rewards=config.advantage_scale,
         reward_weights=list(config.reward_weights), learning_rate=config.lr, lr_scheduler_type=schedule,
         warmup_steps=config.warmup_steps * updates, weight_decay=config.weight_decay,
@@ -403,6 +454,53 @@ class GRPOTrainer:
             rows_per_pass=c.rows_per_pass, shared_prefill=c.shared_prefill,
         )
 
+    def rewarded_groups(self) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+        """One rollout of this rank's prompts with its rewards r_i (N,): the weighted reward
+        functions, plus the soft overlong penalty when ``overlong_cache`` > 0; and each part's mean."""
+        c = self.config
+        batch = self.sample_groups(self.sample_prompts())
+        rewards, means = compute_rewards(batch.completions, batch.answers, c.reward_funcs, c.reward_weights)
+        if c.overlong_cache:
+            penalty = soft_overlong_penalty(batch.completion_mask.sum(-1).cpu(), c.max_new_tokens, c.overlong_cache)
+            rewards = rewards + penalty
+            means["reward_overlong_penalty"] = penalty.mean().item()
+        return batch, rewards, means
+
+    def sample_batch(self) -> tuple[Rollout, torch.Tensor, MetricLog]:
+        """The step's training batch and its rewards, with the sampling metrics.
+
+        Without ``dynamic_sampling`` that is one rollout.  With it, groups whose rewards are all
+        equal are dropped and more prompts are rolled out, up to ``max_sampling_rounds``
+        rollouts, until the batch has ``prompts_per_step`` (per rank) groups with signal.  The
+        reward metrics are over every completion sampled, the batch's or not."""
+        c = self.config
+        batch, rewards, means = self.rewarded_groups()
+        sampled = [(batch, rewards, means)]
+        if c.dynamic_sampling:
+            want = c.prompts_per_step // self.world_size
+            kept = [(batch, rewards, live_groups(rewards, c.group_size))]
+            while sum(len(g) for *_, g in kept) < want and len(sampled) < c.max_sampling_rounds:
+                more = self.rewarded_groups()
+                sampled.append(more)
+                kept.append((more[0], more[1], live_groups(more[1], c.group_size)))
+            parts, part_rewards, total = [], [], 0
+            for part, part_reward, groups in kept:
+                groups = groups[: want - total]
+                total += len(groups)
+                if groups:
+                    parts.append(select_groups(part, groups, c.group_size))
+                    part_rewards.append(part_reward.view(-1, c.group_size)[groups].flatten())
+            if parts:  # else no group had signal: train on the first rollout (only the KL moves)
+                batch, rewards = concat_rollouts(parts, self.tokenizer.pad_token_id), torch.cat(part_rewards)
+        every = torch.cat([r for _, r, _ in sampled])  # (rounds · N,)
+        metrics = MetricLog(
+            reward_mean=every.mean().item(), reward_std=every.std().item(),
+            zero_std_frac=zero_std_fraction(every, c.group_size), groups_sampled=every.numel() // c.group_size,
+            truncated_frac=torch.cat([b.truncated.float().cpu() for b, _, _ in sampled]).mean().item(),
+        )
+        metrics.update({k: sum(m[k] for *_, m in sampled) / len(sampled) for k in means})
+        return batch, rewards, metrics
+
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """Backward, clip, AdamW step; returns the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -426,6 +524,8 @@ class GRPOTrainer:
             order = torch.randperm(n) if c.num_minibatches > 1 else torch.arange(n)
             for rows in order.to(self.device).chunk(c.num_minibatches):
                 mask = batch.completion_mask[rows]
+                if c.mask_truncated:  # overlong filtering: a completion cut at the limit teaches nothing
+                    mask = mask * ~batch.truncated[rows, None]
                 logprobs, entropy = completion_logprobs(
                     self.policy, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
                     mask, c.temperature,
@@ -436,7 +536,7 @@ class GRPOTrainer:
                     ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
                     entropy=entropy, beta=c.beta, alpha=c.alpha, eps_low=c.eps_low, eps_high=c.eps_high,
                     loss_type=c.loss_type, ratio_level=c.ratio_level, kl_estimator=c.kl_estimator,
-                    max_len=c.max_new_tokens,
+                    max_len=c.max_new_tokens, surrogate=c.surrogate, kl_bias_correction=c.kl_bias_correction,
                 )
                 record = MetricLog(
                     loss=out.loss.item(), policy_loss=out.policy_loss.item(),
@@ -456,14 +556,12 @@ class GRPOTrainer:
         start = time.perf_counter()
         metrics = MetricLog()
         with self.own_rng(), peak_memory(self.device) as memory:
-            batch = self.sample_groups(self.sample_prompts())
-            rewards, reward_means = compute_rewards(batch.completions, batch.answers, c.reward_funcs, c.reward_weights)
+            batch, rewards, sampling = self.sample_batch()
             if c.shuffle_rewards:
                 rewards = rewards[torch.randperm(rewards.numel())]
-            advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale).to(self.device)  # (N,)
-            metrics.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(), **reward_means,
-                           zero_std_frac=zero_std_fraction(rewards, c.group_size),
-                           truncated_frac=batch.truncated.float().mean().item(), lr=self.scheduler.get_last_lr()[0])
+            advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale,
+                                          baseline=c.advantage_baseline).to(self.device)  # (N,)
+            metrics.update(sampling, lr=self.scheduler.get_last_lr()[0])
             metrics.update(self.policy_updates(batch, advantages))
             self.scheduler.step()
         metrics["step_seconds"] = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""minigrpo.advantages: Â_i = (r_i − mean_j r_j) / (std_j r_j + ε)."""
+"""minigrpo.advantages: Â_i = (r_i − b_i) / (std_j r_j + δ), b_i the group mean or the leave-one-out mean."""
 
 import math
 
@@ -12,7 +12,7 @@ from minigrpo.advantages import group_advantages
 SCALES = ["group", "batch", "none"]
 
 
-def transcription(rewards, group_size, scale, eps):
+def transcription(rewards, group_size, scale, eps, baseline="mean"):
     """The formula with Python loops and the math module, float64."""
     r = [float(x) for x in rewards]
     n = len(r)
@@ -23,15 +23,17 @@ def transcription(rewards, group_size, scale, eps):
         group = r[start : start + group_size]
         mean = sum(group) / group_size
         std = math.sqrt(sum((x - mean) ** 2 for x in group) / (group_size - 1)) if group_size > 1 else 0.0
-        for x in group:
+        for i, x in enumerate(group):
+            others = group[:i] + group[i + 1 :]
+            b = mean if baseline == "mean" else sum(others) / len(others)
             if all(y == group[0] for y in group):
                 out.append(0.0)
             elif scale == "group":
-                out.append((x - mean) / (std + eps))
+                out.append((x - b) / (std + eps))
             elif scale == "batch":
-                out.append((x - mean) / (batch_std + eps))
+                out.append((x - b) / (batch_std + eps))
             else:
-                out.append(x - mean)
+                out.append(x - b)
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -156,3 +158,25 @@ def test_tiny_and_huge_spreads_give_finite_unit_advantages(spread, scale):
     rewards = torch.tensor([0.0, spread], dtype=torch.float64)
     adv = group_advantages(rewards, 2, scale, eps=0.0)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0], dtype=torch.float64) / math.sqrt(2))
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("group_size", [2, 3, 8])
+def test_leave_one_out_matches_transcription(scale, group_size):
+    """b_i = mean of the other G − 1 rewards, by loops; and it is (G/(G−1)) × GRPO's advantage."""
+    g = torch.Generator().manual_seed(group_size)
+    rewards = torch.randn(24, generator=g, dtype=torch.float64)
+    rewards[:group_size] = 1.0  # one zero-variance group: still exactly 0
+    loo = group_advantages(rewards, group_size, scale, 1e-4, baseline="leave_one_out")
+    torch.testing.assert_close(loo, transcription(rewards, group_size, scale, 1e-4, "leave_one_out"),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loo, group_advantages(rewards, group_size, scale, 1e-4) * group_size / (group_size - 1),
+                               rtol=1e-12, atol=1e-12)
+    assert (loo[:group_size] == 0).all()
+
+
+def test_leave_one_out_needs_two_per_group_and_a_known_baseline():
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.tensor([1.0, 0.0]), 1, baseline="leave_one_out")
+    with pytest.raises(ValueError, match="baseline"):
+        group_advantages(torch.tensor([1.0, 0.0]), 2, baseline="median")

@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from minigrpo.evaluation import EvalResult, detectable_difference, evaluate, mcnemar_p_value, wilson_interval
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minigrpo.evaluation import (EvalResult, detectable_difference, evaluate, mcnemar_p_value, pass_at_k,
+                                 sampled_pass_at_k, wilson_interval)
 from minigrpo.rewards import exact_match_reward
 from minigrpo.rollout import greedy_completions
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
@@ -65,3 +69,36 @@ def test_evaluate_counts_scores_and_truncation(one_thread):
     assert 0.0 <= result.truncated_frac <= 1.0
     assert set(result.summary()) == {"step", "n", "correct", "accuracy", "wilson95", "truncated_frac"}
     assert torch.is_grad_enabled()
+
+
+@given(st.integers(1, 40).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
+def test_pass_at_k_is_the_binomial_formula(nck):
+    """1 − C(n−c, k)/C(n, k): the chance that k of the n samples, drawn without replacement,
+    include a correct one; pass@1 = c/n."""
+    n, c, k = nck
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    for n, c, k in [(5, 6, 1), (5, 2, 6), (5, 2, 0)]:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+
+
+def test_sampled_pass_at_k_counts_correct_samples(one_thread):
+    """Against a reward that knows the answer: pass@k from the package equals the estimator
+    applied to counts made by hand from the same samples."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    examples = [{"prompt": f"{a}+1=", "answer": "1"} for a in range(5)]
+    has_a_one = lambda completion, answer: float(answer in completion)  # noqa: E731
+    torch.manual_seed(0)
+    out = sampled_pass_at_k(model, tokenizer, examples, has_a_one, n=6, ks=(1, 3), temperature=1.5,
+                            max_new_tokens=3, prompts_per_batch=2)
+    assert len(out["correct"]) == 5 and all(0 <= c <= 6 for c in out["correct"])
+    for k in (1, 3):
+        assert out["pass_at_k"][k] == pytest.approx(sum(pass_at_k(6, c, k) for c in out["correct"]) / 5)
+    assert out["pass_at_k"][3] >= out["pass_at_k"][1]
+    with pytest.raises(ValueError, match="k"):
+        sampled_pass_at_k(model, tokenizer, examples, has_a_one, n=2, ks=(3,), max_new_tokens=3)

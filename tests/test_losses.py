@@ -28,7 +28,7 @@ F64 = torch.float64
 
 
 def transcribed_loss(lp, old, adv, mask, ref, ent, *, beta, alpha, eps_low, eps_high, loss_type,
-                     ratio_level, estimator, max_len=None):  # fmt: skip
+                     ratio_level, estimator, max_len=None, surrogate="clip", kl_bias_correction=False):  # fmt: skip
     """grpo_loss written out with Python loops over i and t, one scalar at a time."""
     n, t_len = lp.shape
     old, ref = old.detach(), None if ref is None else ref.detach()
@@ -50,6 +50,9 @@ def transcribed_loss(lp, old, adv, mask, ref, ent, *, beta, alpha, eps_low, eps_
 
     def pg(i, t):
         r, a = rho(i, t), float(adv[i])
+        if surrogate == "cispo":  # −sg(min(ρ, 1 + ε_high)) · Â · log π
+            weight = min(r.item(), 1 + eps_high)
+            return -weight * a * lp[i, t]
         if r.item() > 1 + eps_high:
             clipped = torch.tensor(1 + eps_high, dtype=lp.dtype)
         elif r.item() < 1 - eps_low:
@@ -60,7 +63,8 @@ def transcribed_loss(lp, old, adv, mask, ref, ent, *, beta, alpha, eps_low, eps_
 
     def kl(i, t):
         d = ref[i, t] - lp[i, t]
-        return {"k1": -d, "k2": d**2 / 2, "k3": torch.exp(d) - d - 1}[estimator]
+        k = {"k1": -d, "k2": d**2 / 2, "k3": torch.exp(d) - d - 1}[estimator]
+        return rho(i, t) * k if kl_bias_correction else k
 
     loss = agg(pg)
     if beta:
@@ -111,6 +115,46 @@ def test_grpo_loss_matches_transcription(loss_type, ratio_level, estimator):
     want_grads = torch.autograd.grad(want, (lp2, ent2))
     for got, expected in zip(got_grads, want_grads):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("surrogate, ratio_level, kl_bias_correction",
+                         [("cispo", "token", False), ("cispo", "token", True), ("clip", "token", True),
+                          ("clip", "sequence", True)])
+def test_cispo_and_corrected_kl_match_transcription(loss_type, surrogate, ratio_level, kl_bias_correction):
+    lp, old, adv, mask, ref, ent = make_batch(seed=5)
+    kwargs = dict(beta=0.04, alpha=0.01, eps_low=0.2, eps_high=0.28, loss_type=loss_type, ratio_level=ratio_level,
+                  surrogate=surrogate, kl_bias_correction=kl_bias_correction)
+    max_len = 7 if loss_type == "dr_grpo" else None
+    lp1, ent1 = lp.clone().requires_grad_(), ent.clone().requires_grad_()
+    out = grpo_loss(lp1, old, adv, mask, ref_logprobs=ref, entropy=ent1, max_len=max_len, **kwargs)
+    lp2, ent2 = lp.clone().requires_grad_(), ent.clone().requires_grad_()
+    want = transcribed_loss(lp2, old, adv, mask, ref, ent2, estimator="k3", max_len=max_len, **kwargs)
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(torch.autograd.grad(out.loss, (lp1, ent1)), torch.autograd.grad(want, (lp2, ent2))):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if surrogate == "clip":  # CISPO's stop-gradient weight makes finite differences disagree by design
+        lp3 = lp.clone().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda x: grpo_loss(x, old, adv, mask, ref_logprobs=ref, max_len=max_len, **{**kwargs, "alpha": 0.0}).loss,
+            (lp3,), fast_mode=True)
+
+
+def test_cispo_keeps_the_gradient_of_tokens_ppo_clips():
+    """ρ = 1.5 > 1 + ε with Â > 0: PPO's clip gives that token no gradient, CISPO gives it
+    −min(ρ, 1 + ε_high)·Â (the capped weight), and at ρ ≡ 1 the two gradients agree."""
+    old = torch.zeros(1, 2, dtype=F64)
+    lp = torch.tensor([[math.log(1.5), 0.0]], dtype=F64, requires_grad=True)
+    adv, mask = torch.tensor([2.0], dtype=F64), torch.ones(1, 2, dtype=torch.bool)
+    clip_grad, = torch.autograd.grad(grpo_loss(lp, old, adv, mask, loss_type="dapo").loss, lp)
+    cispo_grad, = torch.autograd.grad(grpo_loss(lp, old, adv, mask, loss_type="dapo", surrogate="cispo").loss, lp)
+    assert clip_grad[0, 0].item() == 0 and cispo_grad[0, 0].item() == pytest.approx(-1.2 * 2.0 / 2)
+    assert clip_grad[0, 1].item() == pytest.approx(-2.0 / 2)  # ρ = 1: the same gradient
+    assert cispo_grad[0, 1].item() == pytest.approx(-2.0 / 2)
+    with pytest.raises(ValueError, match="ratio_level"):
+        grpo_loss(lp, old, adv, mask, surrogate="cispo", ratio_level="sequence")
+    with pytest.raises(ValueError, match="surrogate"):
+        grpo_loss(lp, old, adv, mask, surrogate="ppo")
 
 
 @pytest.mark.parametrize("loss_type, ratio_level, estimator", COMBOS)

@@ -15,7 +15,8 @@ from minigrpo.evaluation import EvalResult
 from minigrpo.rewards import exact_match_reward, format_reward
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 from minigrpo.metrics import METRICS, MetricLog, metric_label, reduce_updates
-from minigrpo.trainer import GRPOConfig, GRPOTrainer, compute_rewards, lr_lambda, params_sha256, zero_std_fraction
+from minigrpo.trainer import (GRPOConfig, GRPOTrainer, compute_rewards, live_groups, lr_lambda, params_sha256,
+                              soft_overlong_penalty, zero_std_fraction)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +38,7 @@ HISTORY_KEYS = {
     "step", "reward_mean", "reward_std", "reward_has_a_one", "zero_std_frac", "truncated_frac", "loss",
     "policy_loss", "kl", "kl_token_mean", "entropy", "entropy_token_mean", "clip_frac_low", "clip_frac_high",
     "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "advantages_abs_mean", "zero_advantage_frac",
-    "completion_tokens_mean", "grad_norm", "lr",
+    "completion_tokens_mean", "grad_norm", "lr", "groups_sampled",
     "step_seconds",
 }
 
@@ -78,6 +79,13 @@ def test_every_config_field_is_documented():
     (dict(prompts_per_step=3, group_size=3, num_minibatches=2), "num_minibatches"),
     (dict(reward_funcs=(format_reward, format_reward), reward_weights=(1, 1)), "distinct"),
     (dict(reward_funcs=(mean,)), "distinct"),  # would be logged as reward_mean, a metric of its own
+    (dict(advantage_baseline="median"), "advantage_baseline"),
+    (dict(advantage_baseline="leave_one_out", group_size=1), "leave_one_out"),
+    (dict(surrogate="ppo"), "surrogate"),
+    (dict(surrogate="cispo", ratio_level="sequence"), "cispo"),
+    (dict(overlong_cache=4, max_new_tokens=4), "overlong_cache"),
+    (dict(dynamic_sampling=1), "dynamic_sampling"),
+    (dict(max_sampling_rounds=0), "max_sampling_rounds"),
     (dict(eval_max_new_tokens=0), "eval_max_new_tokens"),
 ])
 def test_config_rejects_bad_values_when_built(overrides, name):
@@ -279,3 +287,59 @@ def test_init_distributed_picks_nccl_and_the_local_gpu_on_gpus(monkeypatch, cuda
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
     trainer.init_distributed()
     assert calls == ({"device": 3, "backend": "nccl"} if cuda else {"backend": "gloo"})
+
+
+def test_dynamic_sampling_keeps_only_groups_with_signal():
+    """Groups whose G rewards are all equal are dropped and more prompts rolled out, at most
+    max_sampling_rounds times; the batch holds at most P live groups, in the rollouts' order."""
+    trainer = make_trainer(dynamic_sampling=True, max_sampling_rounds=3, prompts_per_step=4, group_size=4)
+    with trainer.own_rng():
+        batch, rewards, metrics = trainer.sample_batch()
+    n_groups = rewards.numel() // 4
+    assert 1 <= n_groups <= 4 and batch.completion_ids.shape[0] == rewards.numel() == len(batch.completions)
+    assert live_groups(rewards, 4) == list(range(n_groups))  # every group kept has signal
+    assert metrics["groups_sampled"] in (4, 8, 12)  # one to three rollouts of 4 prompts
+    assert (metrics["groups_sampled"] == 4) == (n_groups == 4 and metrics["zero_std_frac"] == 0)
+    again = make_trainer(dynamic_sampling=True, max_sampling_rounds=3, prompts_per_step=4, group_size=4)
+    again.train_step()  # and the step trains on it
+    assert again.history[-1]["groups_sampled"] == metrics["groups_sampled"]
+
+
+def test_dynamic_sampling_off_is_one_rollout():
+    trainer = make_trainer()
+    with trainer.own_rng():
+        batch, rewards, metrics = trainer.sample_batch()
+    assert metrics["groups_sampled"] == 4 and rewards.numel() == 16
+
+
+def test_truncated_completions_can_be_masked_out_of_the_loss():
+    """With max_new_tokens = 1 no completion reaches its EOS: overlong filtering masks every
+    token, so the step has no gradient at all (β = 0)."""
+    trainer = make_trainer(max_new_tokens=1, mask_truncated=True, beta=0.0)
+    trainer.train_step()
+    h = trainer.history[-1]
+    assert h["truncated_frac"] == 1.0 and h["grad_norm"] == 0.0 and h["completion_tokens_mean"] == 0.0
+
+
+def test_soft_overlong_penalty():
+    """0 up to L_max − L_cache tokens, then linear down to −1 at L_max (DAPO's eq. 13)."""
+    lengths = torch.tensor([2, 6, 7, 8, 10])
+    torch.testing.assert_close(soft_overlong_penalty(lengths, 10, 4), torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0]))
+    trainer = make_trainer(max_new_tokens=4, overlong_cache=2)
+    trainer.train_step()
+    assert -1.0 <= trainer.history[-1]["reward_overlong_penalty"] <= 0.0
+
+
+def test_options_reach_the_loss(monkeypatch):
+    """advantage_baseline, surrogate and kl_bias_correction arrive where they act."""
+    from minigrpo import trainer as trainer_module
+
+    seen = {}
+    real_adv, real_loss = trainer_module.group_advantages, trainer_module.grpo_loss
+    monkeypatch.setattr(trainer_module, "group_advantages",
+                        lambda *a, **k: seen.setdefault("baseline", k["baseline"]) and real_adv(*a, **k))
+    monkeypatch.setattr(trainer_module, "grpo_loss", lambda *a, **k: seen.update(
+        surrogate=k["surrogate"], kl_bias_correction=k["kl_bias_correction"]) or real_loss(*a, **k))
+    make_trainer(advantage_baseline="leave_one_out", surrogate="cispo", loss_type="dapo",
+                 kl_bias_correction=True).train_step()
+    assert seen == {"baseline": "leave_one_out", "surrogate": "cispo", "kl_bias_correction": True}

@@ -78,13 +78,17 @@ CONFIGS = [
     for loss_type, beta, level, eps_high in itertools.product(
         mg.losses.LOSS_TYPES, [0.0, 0.04], ["token", "sequence"], [None, 0.28]
     )
-] + [dict(loss_type="dapo", beta=beta, ratio_level="token", eps_high=None, trl_loss_type="dapo") for beta in (0.0, 0.04)]
+] + [dict(loss_type="dapo", beta=beta, ratio_level="token", eps_high=None, trl_loss_type="dapo") for beta in (0.0, 0.04)
+] + [dict(loss_type="dapo", beta=beta, ratio_level="token", eps_high=0.28, surrogate="cispo") for beta in (0.0, 0.04)
+] + [dict(loss_type=loss_type, beta=0.04, ratio_level=level, eps_high=None, kl_bias_correction=True)
+     for loss_type, level in itertools.product(["grpo", "dapo"], ["token", "sequence"])]
 
 
 def _config_id(config: dict) -> str:
     eps = "sym" if config["eps_high"] is None else f"eh{config['eps_high']}"
     trl = f"-trl_{config['trl_loss_type']}" if "trl_loss_type" in config else ""
-    return f"{config['loss_type']}{trl}-beta{config['beta']}-{config['ratio_level']}-{eps}"
+    extra = "-cispo" * (config.get("surrogate") == "cispo") + "-klcorr" * config.get("kl_bias_correction", False)
+    return f"{config['loss_type']}{trl}-beta{config['beta']}-{config['ratio_level']}-{eps}{extra}"
 
 
 def _minigrpo_config(config: dict) -> MinigrpoConfig:
@@ -224,6 +228,8 @@ def _minigrpo_side(model, inputs: dict, config: dict):
         loss_type=c.loss_type,
         ratio_level=c.ratio_level,
         max_len=c.max_new_tokens,  # as the trainer passes it
+        surrogate=c.surrogate,
+        kl_bias_correction=c.kl_bias_correction,
     )
     out.loss.backward()
     return out, _gradients(model)
@@ -250,7 +256,10 @@ def both(request, model_dir, tmp_path_factory) -> dict:
 
 def test_clipping_is_active(both):
     """The batch is off-policy enough that TRL clips tokens on both sides, but not all of them:
-    the comparison covers the clipped and the unclipped branch."""
+    the comparison covers the clipped and the unclipped branch (for CISPO: capped weights)."""
+    if both["config"].get("surrogate") == "cispo":
+        assert 0 < both["trl_metrics"]["cispo_clip_ratio"] < 1
+        return
     assert both["trl_metrics"]["clip_ratio/low_mean"] > 0
     assert both["trl_metrics"]["clip_ratio/high_mean"] > 0
     assert both["trl_metrics"]["clip_ratio/region_mean"] < 1
@@ -283,7 +292,9 @@ def test_same_metrics(both):
     level only."""
     trl_metrics, mg_metrics = both["trl_metrics"], both["mg_out"].metrics
     pairs = {"kl": "kl_token_mean"} if both["config"]["beta"] > 0 else {}
-    if both["config"]["ratio_level"] == "token":
+    if both["config"].get("surrogate") == "cispo":
+        pairs["cispo_clip_ratio"] = "clip_frac_high"  # the weight capped, on tokens with Â > 0
+    elif both["config"]["ratio_level"] == "token":
         pairs.update(CLIP_METRICS)
     for trl_key, mg_key in pairs.items():
         assert mg_metrics[mg_key] == pytest.approx(trl_metrics[trl_key], rel=1e-5, abs=1e-7), trl_key
@@ -299,6 +310,25 @@ def test_the_translation_builds_the_same_schedule_in_trl(tmp_path):
     assert args.steps_per_generation == c.num_minibatches and args.num_iterations == c.num_updates
     assert args.max_steps == c.steps * 8 and args.warmup_steps == 3 * 8
     assert args.loss_type == "bnpo" and args.epsilon_high == 0.28 and args.lr_scheduler_type == "cosine"
-    for unsupported in (dict(alpha=1e-3), dict(kl_estimator="k2"), dict(shuffle_rewards=True)):
+    for unsupported in (dict(alpha=1e-3), dict(kl_estimator="k2"), dict(shuffle_rewards=True),
+                        dict(advantage_baseline="leave_one_out"), dict(dynamic_sampling=True), dict(overlong_cache=2)):
         with pytest.raises(ValueError, match="no counterpart"):
             trl_grpo_kwargs(MinigrpoConfig(**unsupported))
+    c = MinigrpoConfig(surrogate="cispo", loss_type="dapo", eps_high=4.0, kl_bias_correction=True, mask_truncated=True)
+    args = GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **trl_grpo_kwargs(c))
+    assert args.loss_type == "cispo" and args.epsilon_high == 5.0  # TRL caps the weight at epsilon_high itself
+    assert args.use_bias_correction_kl and args.mask_truncated_completions
+    with pytest.raises(ValueError, match="cispo"):
+        trl_grpo_kwargs(MinigrpoConfig(surrogate="cispo", loss_type="grpo"))
+
+
+def test_soft_overlong_penalty_is_trls():
+    """minigrpo's penalty on token counts against TRL's reward function on token lists."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    from minigrpo.trainer import soft_overlong_penalty
+
+    lengths = torch.tensor([1, 10, 11, 15, 19, 20])
+    trl_values = get_soft_overlong_punishment(max_completion_len=20, soft_punish_cache=10)(
+        completion_ids=[[7] * int(n) for n in lengths])
+    torch.testing.assert_close(soft_overlong_penalty(lengths, 20, 10), torch.tensor(trl_values, dtype=torch.float32))
