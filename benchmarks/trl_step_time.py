@@ -105,7 +105,7 @@ def trl_args(config: GRPOConfig, output_dir: str) -> trl.GRPOConfig:
         output_dir=output_dir, report_to="none", logging_strategy="no", save_strategy="no",
         eval_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
         gradient_checkpointing=False,  # TRL's default is True; minigrpo's tiny runs have none
-        optim="adamw_torch",  # torch.optim.AdamW, as minigrpo (TRL's default is the fused one)
+        optim="adamw_torch_fused",  # torch.optim.AdamW(fused=True), as minigrpo (TRL's default)
         log_completions=False, **trl_grpo_kwargs(config),
     )
 
@@ -189,8 +189,12 @@ def step_times(run: dict, skip: int) -> dict:
             "steps_timed": len(timed), "train_seconds": ends[-1] - ends[0], "step_seconds": seconds}
 
 
-def differences(config: GRPOConfig) -> list[str]:
+def differences(config: GRPOConfig, lora_rank: int) -> list[str]:
     """What still differs between the two setups (beyond the code itself)."""
+    reference = ("both use the LoRA policy with its adapter switched off (peft's disable_adapter), no copy"
+                 if lora_rank else "minigrpo deep-copies the starting policy; TRL reloads it from the model "
+                 "folder (config._name_or_path); the weights are the same")
+    rewards = ", ".join(f.__name__ for f in config.reward_funcs)
     notes = [
         "prompt order: minigrpo draws each step's prompts uniformly with replacement from the training "
         "split (seeded); TRL's RepeatSampler walks a seeded shuffle of it without replacement; same pool, "
@@ -201,13 +205,12 @@ def differences(config: GRPOConfig) -> list[str]:
         "log-prob forward: TRL passes no position_ids (left-padded rows are shifted by a constant, which "
         "rotary embeddings ignore up to rounding) and uses its fused LM head with labels; minigrpo passes "
         "cumsum(mask)-1 positions and logits_to_keep",
-        "reference model: minigrpo deep-copies the starting policy; TRL reloads it from the model "
-        "folder (config._name_or_path); the weights are the same",
+        f"reference model: {reference}",
         "old log-probs: with μ = 1 and one mini-batch both skip the separate pass and take them from the "
         "update's own forward (ratio = exp(logp − logp.detach()) ≡ 1)",
         "loss: TRL adds β·k3 to the per-token loss before aggregating, minigrpo aggregates each term "
         "separately (linear, so equal; tests/test_trl_equivalence.py checks values and gradients)",
-        "optimiser: both torch.optim.AdamW (TRL optim='adamw_torch', not its default fused variant); "
+        "optimiser: both torch.optim.AdamW(fused=True) (TRL's default optim='adamw_torch_fused'); "
         "TRL/HF exclude biases and norm weights from weight decay (weight_decay = "
         f"{config.weight_decay}); both clip the gradient norm at {config.max_grad_norm}",
         "TRL defaults overridden to match minigrpo: gradient_checkpointing=False (TRL default True), "
@@ -217,8 +220,8 @@ def differences(config: GRPOConfig) -> list[str]:
         "periodic evaluation); TRL's is Trainer.train with evaluation, logging and saving off; "
         "TRL's train_seconds starts at on_train_begin (after dataloader/optimizer setup)",
         "reward: TRL's completions are decoded with skip_special_tokens=True after masking past the first "
-        "EOS, minigrpo decodes the masked tokens with skip_special_tokens=True; the same exact-match "
-        "reward function scores both",
+        f"EOS, minigrpo decodes the masked tokens with skip_special_tokens=True; the same reward "
+        f"functions ({rewards}) score both",
     ]
     if config.shared_prefill:
         notes.append("prefill: minigrpo prefills each prompt once and copies its KV cache to its G samples "
@@ -274,7 +277,7 @@ def main() -> None:
         "config": config.to_dict(), **task["setup"],
         "trl_args": {k: v for k, v in trl_args(config, "unused").to_dict().items()
                      if k in TRL_FIELDS_SHOWN},
-        "differences": differences(config),
+        "differences": differences(config, lora_rank),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__, "python": platform.python_version()},
         "machine": {"nproc": os.cpu_count(), "platform": platform.platform(), "torch_threads": THREADS,
