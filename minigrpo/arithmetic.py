@@ -40,6 +40,9 @@ class WarmupConfig:
     """probability that the teacher drops the carries on a carry problem (0: clean teacher);
     0.6 leaves held-out accuracy at ~0.3-0.45 with the carries mostly wrong, yet sampled often
     enough for the reward to find them"""
+    padding: float = 0.0
+    """probability that a demonstration writes its answer with 1–3 leading zeros ("068"), so that
+    answers vary in length, not in value (the padded-answer task of chapter 8; 0: never)"""
     steps: int = 1500
     """optimiser steps of next-token cross-entropy on the answers"""
     batch_size: int = 64
@@ -56,9 +59,10 @@ class WarmupConfig:
             check_number(self, name, int, low=1)
         check_number(self, "seed", int, low=0)
         check_number(self, "lr", float, low=0, strict=True)
-        check_number(self, "sloppiness", float, low=0)
-        if self.sloppiness > 1:
-            raise ValueError(f"sloppiness is a probability in [0, 1], got {self.sloppiness!r}")
+        for name in ("sloppiness", "padding"):
+            check_number(self, name, float, low=0)
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)!r}")
 
 
 TINY_WARMUP = dict(
@@ -87,7 +91,8 @@ def supervised_loss(model, tokenizer, batch: list[dict[str, str]]) -> torch.Tens
 
 def supervised_warmup(model, tokenizer, config: WarmupConfig, progress: bool = True) -> list[float]:
     """Train ``model`` on the teacher's demonstrations; returns the loss per step."""
-    examples = warmup_examples(config.steps * config.batch_size, config.digits, config.sloppiness, config.seed)
+    examples = warmup_examples(config.steps * config.batch_size, config.digits, config.sloppiness, config.seed,
+                               config.padding)
     optimizer = adamw(model.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / config.steps))

@@ -92,21 +92,26 @@ def sloppy_label(a: int, b: int, rng: random.Random, sloppiness: float) -> str:
 
 
 def warmup_examples(
-    num_examples: int, digits: int = 2, sloppiness: float = 0.0, seed: int = 0
+    num_examples: int, digits: int = 2, sloppiness: float = 0.0, seed: int = 0, padding: float = 0.0
 ) -> list[dict[str, str]]:
     """Supervised warm-up data ``{"prompt", "completion"}`` from the training split only.
 
     ``sloppiness`` = 0 gives a clean teacher; e.g. 0.6 forgets the carries on 60% of the
-    carry problems.
+    carry problems.  ``padding`` is the probability that a label is written with 1 to 3 leading
+    zeros (``"068"``): the padded-answer task, whose answers vary in length, not in value.
     """
-    if not 0.0 <= sloppiness <= 1.0:
-        raise ValueError(f"sloppiness must lie in [0, 1], got {sloppiness}")
+    for name, p in (("sloppiness", sloppiness), ("padding", padding)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {p}")
     rng = random.Random(seed)
     pairs = arithmetic_pairs(digits, held_out=False)
     examples = []
     for _ in range(num_examples):
         a, b = rng.choice(pairs)
-        examples.append({"prompt": arithmetic_prompt(a, b), "completion": sloppy_label(a, b, rng, sloppiness)})
+        label = sloppy_label(a, b, rng, sloppiness)
+        if padding and rng.random() < padding:  # no draw at padding = 0: unpadded data unchanged
+            label = "0" * rng.randint(1, 3) + label
+        examples.append({"prompt": arithmetic_prompt(a, b), "completion": label})
     return examples
 
 

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 
-__all__ = ["correctness_reward", "exact_match_reward", "extract_answer", "format_reward"]
+__all__ = ["correctness_reward", "exact_match_reward", "extract_answer", "format_reward", "number_match_reward"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,17 @@ def exact_match_reward(completion: str, answer: str) -> float:
     if not isinstance(completion, str) or not isinstance(answer, str):
         return 0.0
     return 1.0 if completion.strip() == answer.strip() else 0.0
+
+
+def number_match_reward(completion: str, answer: str) -> float:
+    """r = 1 if the completion is a string of digits whose value is the answer's, else 0: the
+    padded-answer task's reward, where ``"068"`` and ``"68"`` are both right.  Never raises."""
+    if not isinstance(completion, str) or not isinstance(answer, str):
+        return 0.0
+    text, gold = completion.strip(), answer.strip()
+    if not (text.isascii() and text.isdigit() and gold.isascii() and gold.isdigit()) or len(text) > 64:
+        return 0.0
+    return 1.0 if int(text) == int(gold) else 0.0
 
 
 # ----------------------------------------------------------------------------- math-verify worker

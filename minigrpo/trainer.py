@@ -79,6 +79,8 @@ class GRPOConfig:
     """the control: permute rewards at random within the batch, cutting them from completions"""
     advantage_scale: str = "group"
     """Â's denominator (``scale`` of ``group_advantages``): "group" (std of the group), "batch" (std of the batch), "none" (Dr. GRPO)"""
+    normalize_each_reward: bool = False
+    """with several reward functions: normalise each within its group, then sum w_k·Â_k, instead of normalising the sum Σ_k w_k·r_k"""
     advantage_baseline: str = "mean"
     """b_i, subtracted from r_i (``baseline`` of ``group_advantages``): "mean" of the group (GRPO, r_i included) or "leave_one_out" (RLOO: the other G − 1)"""
     overlong_cache: int = 0
@@ -157,7 +159,8 @@ class GRPOConfig:
                               ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("shuffle_rewards", "dynamic_sampling", "kl_bias_correction", "mask_truncated", "shared_prefill"):
+        for name in ("shuffle_rewards", "dynamic_sampling", "kl_bias_correction", "mask_truncated", "shared_prefill",
+                     "normalize_each_reward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_updates", "num_minibatches",
@@ -216,15 +219,16 @@ def check_number(config, name: str, kind: type, low: float, high: float = math.i
 def compute_rewards(
     completions: list[str], answers: list[str], reward_funcs, reward_weights
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """r_i = Σ_k w_k·r_k(o_i, answer_i), shape (N,), and each reward function's batch mean as
-    ``reward_<name>``."""
-    total = torch.zeros(len(completions))
-    means = {}
-    for func, weight in zip(reward_funcs, reward_weights):
-        values = torch.tensor([float(func(c, a)) for c, a in zip(completions, answers)])  # (N,)
-        total += weight * values
-        means[f"reward_{func.__name__}"] = values.mean().item()
-    return total, means
+    """The reward parts r_k(o_i, answer_i), shape (K, N), one row per reward function, and
+    each function's batch mean as ``reward_<name>``; the reward is r_i = Σ_k w_k·r_k (``combine``)."""
+    parts = torch.tensor([[float(func(c, a)) for c, a in zip(completions, answers)] for func in reward_funcs])
+    parts = parts.view(len(reward_funcs), len(completions))  # (K, N), also when N = 0
+    return parts, {f"reward_{func.__name__}": row.mean().item() for func, row in zip(reward_funcs, parts)}
+
+
+def combine(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """r_i = Σ_k w_k·r_{k,i}: (K, N) parts and (K,) weights to the (N,) rewards."""
+    return weights @ parts
 
 
 def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, cache: int) -> torch.Tensor:
@@ -336,12 +340,14 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
     weight itself, 1 + ε_high: it matches minigrpo's cispo with "dapo" and one mini-batch.  A
     TRL step is one optimiser step, so step counts are multiplied by the updates per rollout.
     TRL has no counterpart for α > 0, the k1/k2 estimators, shuffled rewards, the
-    leave-one-out baseline, dynamic sampling or the overlong penalty (TRL has it as a reward
-    function, ``trl.rewards.get_soft_overlong_punishment``): those raise ``ValueError``.
+    leave-one-out baseline, dynamic sampling, per-reward normalisation or the overlong penalty
+    (TRL has it as a reward function, ``trl.rewards.get_soft_overlong_punishment``): those raise
+    ``ValueError``.
     """
     unsupported = dict(alpha=config.alpha != 0, kl_estimator=config.kl_estimator != "k3",
                        shuffle_rewards=config.shuffle_rewards, advantage_baseline=config.advantage_baseline != "mean",
-                       dynamic_sampling=config.dynamic_sampling, overlong_cache=config.overlong_cache > 0)
+                       dynamic_sampling=config.dynamic_sampling, overlong_cache=config.overlong_cache > 0,
+                       normalize_each_reward=config.normalize_each_reward)
     if any(unsupported.values()):
         raise ValueError(f"TRL has no counterpart for {[k for k, v in unsupported.items() if v]}")
     n = config.prompts_per_step * config.group_size  # sequences per rollout
@@ -454,52 +460,68 @@ class GRPOTrainer:
             rows_per_pass=c.rows_per_pass, shared_prefill=c.shared_prefill,
         )
 
-    def rewarded_groups(self) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
-        """One rollout of this rank's prompts with its rewards r_i (N,): the weighted reward
-        functions, plus the soft overlong penalty when ``overlong_cache`` > 0; and each part's mean."""
+    def rewarded_groups(self) -> tuple[Rollout, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """One rollout of this rank's prompts with its reward parts (K, N) and their weights (K,):
+        the reward functions, plus DAPO's soft overlong penalty (weight 1) when ``overlong_cache``
+        > 0; and each part's mean."""
         c = self.config
         batch = self.sample_groups(self.sample_prompts())
-        rewards, means = compute_rewards(batch.completions, batch.answers, c.reward_funcs, c.reward_weights)
+        parts, means = compute_rewards(batch.completions, batch.answers, c.reward_funcs, c.reward_weights)
+        weights = torch.tensor(c.reward_weights, dtype=parts.dtype)
         if c.overlong_cache:
             penalty = soft_overlong_penalty(batch.completion_mask.sum(-1).cpu(), c.max_new_tokens, c.overlong_cache)
-            rewards = rewards + penalty
+            parts, weights = torch.cat([parts, penalty[None]]), torch.cat([weights, weights.new_ones(1)])
             means["reward_overlong_penalty"] = penalty.mean().item()
-        return batch, rewards, means
+        return batch, parts, weights, means
 
-    def sample_batch(self) -> tuple[Rollout, torch.Tensor, MetricLog]:
-        """The step's training batch and its rewards, with the sampling metrics.
+    def sample_batch(self) -> tuple[Rollout, torch.Tensor, torch.Tensor, MetricLog]:
+        """The step's training batch, its reward parts (K, N) and weights (K,), and the sampling
+        metrics.
 
         Without ``dynamic_sampling`` that is one rollout.  With it, groups whose rewards are all
         equal are dropped and more prompts are rolled out, up to ``max_sampling_rounds``
         rollouts, until the batch has ``prompts_per_step`` (per rank) groups with signal.  The
         reward metrics are over every completion sampled, the batch's or not."""
         c = self.config
-        batch, rewards, means = self.rewarded_groups()
-        sampled = [(batch, rewards, means)]
+        batch, parts, weights, means = self.rewarded_groups()
+        sampled = [(batch, parts, means)]
         if c.dynamic_sampling:
             want = c.prompts_per_step // self.world_size
-            kept = [(batch, rewards, live_groups(rewards, c.group_size))]
+            kept = [(batch, parts, live_groups(combine(parts, weights), c.group_size))]
             while sum(len(g) for *_, g in kept) < want and len(sampled) < c.max_sampling_rounds:
-                more = self.rewarded_groups()
-                sampled.append(more)
-                kept.append((more[0], more[1], live_groups(more[1], c.group_size)))
-            parts, part_rewards, total = [], [], 0
-            for part, part_reward, groups in kept:
+                more, more_parts, _, more_means = self.rewarded_groups()
+                sampled.append((more, more_parts, more_means))
+                kept.append((more, more_parts, live_groups(combine(more_parts, weights), c.group_size)))
+            chosen, chosen_parts, total = [], [], 0
+            for part, part_rewards, groups in kept:
                 groups = groups[: want - total]
                 total += len(groups)
                 if groups:
-                    parts.append(select_groups(part, groups, c.group_size))
-                    part_rewards.append(part_reward.view(-1, c.group_size)[groups].flatten())
-            if parts:  # else no group had signal: train on the first rollout (only the KL moves)
-                batch, rewards = concat_rollouts(parts, self.tokenizer.pad_token_id), torch.cat(part_rewards)
-        every = torch.cat([r for _, r, _ in sampled])  # (rounds · N,)
+                    rows = [g * c.group_size + j for g in groups for j in range(c.group_size)]
+                    chosen.append(select_groups(part, groups, c.group_size))
+                    chosen_parts.append(part_rewards[:, rows])
+            if chosen:  # else no group had signal: train on the first rollout (only the KL moves)
+                batch, parts = concat_rollouts(chosen, self.tokenizer.pad_token_id), torch.cat(chosen_parts, dim=1)
+        every = combine(torch.cat([p for _, p, _ in sampled], dim=1), weights)  # (rounds · N,)
         metrics = MetricLog(
             reward_mean=every.mean().item(), reward_std=every.std().item(),
             zero_std_frac=zero_std_fraction(every, c.group_size), groups_sampled=every.numel() // c.group_size,
             truncated_frac=torch.cat([b.truncated.float().cpu() for b, _, _ in sampled]).mean().item(),
         )
         metrics.update({k: sum(m[k] for *_, m in sampled) / len(sampled) for k in means})
-        return batch, rewards, metrics
+        return batch, parts, weights, metrics
+
+    def advantages(self, parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Â (N,) from the reward parts: group advantages of the weighted sum Σ_k w_k·r_k, or,
+        with ``normalize_each_reward``, Σ_k w_k·Â(r_k), each part normalised in its group first."""
+        c = self.config
+
+        def adv(r):
+            return group_advantages(r, c.group_size, scale=c.advantage_scale, baseline=c.advantage_baseline)
+
+        if c.normalize_each_reward:
+            return sum(w * adv(r) for w, r in zip(weights.tolist(), parts))
+        return adv(combine(parts, weights))
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """Backward, clip, AdamW step; returns the gradient norm before clipping."""
@@ -556,11 +578,10 @@ class GRPOTrainer:
         start = time.perf_counter()
         metrics = MetricLog()
         with self.own_rng(), peak_memory(self.device) as memory:
-            batch, rewards, sampling = self.sample_batch()
-            if c.shuffle_rewards:
-                rewards = rewards[torch.randperm(rewards.numel())]
-            advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale,
-                                          baseline=c.advantage_baseline).to(self.device)  # (N,)
+            batch, parts, weights, sampling = self.sample_batch()
+            if c.shuffle_rewards:  # the control: every part's values, permuted together
+                parts = parts[:, torch.randperm(parts.shape[1])]
+            advantages = self.advantages(parts, weights).to(self.device)  # (N,)
             metrics.update(sampling, lr=self.scheduler.get_last_lr()[0])
             metrics.update(self.policy_updates(batch, advantages))
             self.scheduler.step()

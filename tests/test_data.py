@@ -76,6 +76,17 @@ def test_sloppy_teacher_drops_carries_on_about_the_right_share():
 def test_sloppiness_is_checked():
     with pytest.raises(ValueError, match="sloppiness"):
         warmup_examples(10, sloppiness=1.5)
+    with pytest.raises(ValueError, match="padding"):
+        warmup_examples(10, padding=-0.1)
+
+
+def test_padded_answers_keep_their_value():
+    """padding = 0.5: about half the labels get 1 to 3 leading zeros; every label keeps its value."""
+    padded = warmup_examples(2000, digits=2, padding=0.5, seed=3)
+    zeros = [len(ex["completion"]) - len(ex["completion"].lstrip("0")) for ex in padded
+             if ex["completion"].lstrip("0")]  # answers that are not 0 itself
+    assert all(int(ex["completion"]) == eval(ex["prompt"][:-1]) for ex in padded)
+    assert 0.45 < sum(z > 0 for z in zeros) / len(zeros) < 0.55 and max(zeros) == 3
 
 
 def test_gsm8k_fixture_loads_like_the_hub_dataset():

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minigrpo import rewards
-from minigrpo.rewards import correctness_reward, exact_match_reward, extract_answer, format_reward
+from minigrpo.rewards import correctness_reward, exact_match_reward, extract_answer, format_reward, number_match_reward
 
 HANG_BOUND_S = 30.0  # "returns at all": a call overrunning the worker's timeout is killed at 5 s
 
@@ -242,3 +242,14 @@ def test_format_reward(completion, expected):
 )  # fmt: skip
 def test_exact_match_reward(completion, answer, expected):
     assert exact_match_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [("068", "68", 1.0), ("68", "68", 1.0), (" 0068\n", "68", 1.0), ("0", "0", 1.0), ("000", "0", 1.0),
+     ("69", "68", 0.0), ("6 8", "68", 0.0), ("", "68", 0.0), ("-68", "68", 0.0), ("٦٨", "68", 0.0),
+     ("9" * 100, "9", 0.0), (None, "1", 0.0)],
+)  # fmt: skip
+def test_number_match_reward(completion, answer, expected):
+    """Leading zeros do not change a number's value; anything but plain ASCII digits scores 0."""
+    assert number_match_reward(completion, answer) == expected

@@ -15,7 +15,7 @@ from minigrpo.evaluation import EvalResult
 from minigrpo.rewards import exact_match_reward, format_reward
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 from minigrpo.metrics import METRICS, MetricLog, metric_label, reduce_updates
-from minigrpo.trainer import (GRPOConfig, GRPOTrainer, compute_rewards, live_groups, lr_lambda, params_sha256,
+from minigrpo.trainer import (GRPOConfig, GRPOTrainer, combine, compute_rewards, live_groups, lr_lambda, params_sha256,
                               soft_overlong_penalty, zero_std_fraction)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,9 +108,10 @@ def test_config_to_dict_names_the_reward_functions():
 
 
 def test_weighted_rewards_and_zero_variance_groups():
-    rewards, means = compute_rewards(["12", "\\boxed{3}", "7", "7"], ["12", "3", "8", "7"],
-                                     (exact_match_reward, format_reward), (1.0, 0.5))
-    assert rewards.tolist() == [1.0, 0.5, 0.0, 1.0]
+    parts, means = compute_rewards(["12", "\\boxed{3}", "7", "7"], ["12", "3", "8", "7"],
+                                   (exact_match_reward, format_reward), (1.0, 0.5))
+    assert parts.tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
+    assert combine(parts, torch.tensor([1.0, 0.5])).tolist() == [1.0, 0.5, 0.0, 1.0]
     assert means == {"reward_exact_match_reward": 0.5, "reward_format_reward": 0.25}
     assert zero_std_fraction(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2) == 0.5
 
@@ -294,7 +295,8 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
     max_sampling_rounds times; the batch holds at most P live groups, in the rollouts' order."""
     trainer = make_trainer(dynamic_sampling=True, max_sampling_rounds=3, prompts_per_step=4, group_size=4)
     with trainer.own_rng():
-        batch, rewards, metrics = trainer.sample_batch()
+        batch, parts, weights, metrics = trainer.sample_batch()
+    rewards = combine(parts, weights)
     n_groups = rewards.numel() // 4
     assert 1 <= n_groups <= 4 and batch.completion_ids.shape[0] == rewards.numel() == len(batch.completions)
     assert live_groups(rewards, 4) == list(range(n_groups))  # every group kept has signal
@@ -308,8 +310,8 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
 def test_dynamic_sampling_off_is_one_rollout():
     trainer = make_trainer()
     with trainer.own_rng():
-        batch, rewards, metrics = trainer.sample_batch()
-    assert metrics["groups_sampled"] == 4 and rewards.numel() == 16
+        batch, parts, weights, metrics = trainer.sample_batch()
+    assert metrics["groups_sampled"] == 4 and parts.shape == (1, 16)
 
 
 def test_truncated_completions_can_be_masked_out_of_the_loss():
@@ -343,3 +345,19 @@ def test_options_reach_the_loss(monkeypatch):
     make_trainer(advantage_baseline="leave_one_out", surrogate="cispo", loss_type="dapo",
                  kl_bias_correction=True).train_step()
     assert seen == {"baseline": "leave_one_out", "surrogate": "cispo", "kl_bias_correction": True}
+
+
+def test_each_reward_can_be_normalised_on_its_own():
+    """Two rewards on different scales: normalising the sum lets the wide one dominate;
+    normalising each first gives Σ_k w_k·Â(r_k)."""
+    from minigrpo.advantages import group_advantages
+
+    parts = torch.tensor([[1.0, 0.0, 1.0, 0.0], [10.0, 0.0, 0.0, 20.0]])  # (K = 2, N = 4), one group
+    weights = torch.tensor([1.0, 0.5])
+    for each in (False, True):
+        trainer = make_trainer(reward_funcs=(has_a_one, exact_match_reward), reward_weights=(1.0, 0.5),
+                               prompts_per_step=1, group_size=4, normalize_each_reward=each)
+        got = trainer.advantages(parts, weights)
+        want = (group_advantages(parts[0], 4) + 0.5 * group_advantages(parts[1], 4) if each
+                else group_advantages(combine(parts, weights), 4))
+        torch.testing.assert_close(got, want)
