@@ -213,9 +213,13 @@ def loss_metrics(
     clip_frac_low:  fraction with ρ < 1 − ε_low and Â < 0 (clipped from below)
     clip_frac_high: fraction with ρ > 1 + ε_high and Â > 0 (clipped from above)
     clip_frac:      either; ratio_mean / ratio_min / ratio_max over the same tokens (1.0 if none);
-    advantages_abs_mean and zero_advantage_frac over the N completions.
+    advantages_abs_mean and zero_advantage_frac over the N completions; completion_tokens_mean
+    the mean completion length, and completion_tokens_pos_adv / _neg_adv the same over the
+    completions with Â > 0 and Â < 0 (None if there are none), the lengths Dr. GRPO's
+    length-bias argument is about.
     """
     ratio, adv = ratio.detach(), advantages.detach()[:, None]  # (N, T), (N, 1)
+    lengths = mask.sum(1).to(ratio.dtype)  # (N,) |o_i|
     low = (ratio < 1 - eps_low) & (adv < 0)
     high = (ratio > 1 + eps_high) & (adv > 0)
     valid = ratio[mask]
@@ -228,7 +232,9 @@ def loss_metrics(
         "ratio_max": valid.max().item() if valid.numel() else 1.0,
         "advantages_abs_mean": adv.abs().mean().item(),
         "zero_advantage_frac": (adv == 0).to(ratio.dtype).mean().item(),
-        "completion_tokens_mean": mask.sum(1).to(ratio.dtype).mean().item(),
+        "completion_tokens_mean": lengths.mean().item(),
+        "completion_tokens_pos_adv": lengths[adv[:, 0] > 0].mean().item() if (adv > 0).any() else None,
+        "completion_tokens_neg_adv": lengths[adv[:, 0] < 0].mean().item() if (adv < 0).any() else None,
     }
 
 

@@ -29,6 +29,8 @@ METRICS = {
     "advantages_abs_mean": "mean |advantage|",
     "zero_advantage_frac": "fraction of completions with advantage 0",
     "completion_tokens_mean": "completion length (tokens)",
+    "completion_tokens_pos_adv": "length of completions with Â > 0 (tokens)",
+    "completion_tokens_neg_adv": "length of completions with Â < 0 (tokens)",
     "grad_norm": "gradient norm before clipping",
     "lr": "learning rate",
     "step_seconds": "seconds per step",
@@ -67,10 +69,11 @@ REDUCE_OVER_UPDATES = {"ratio_min": min, "ratio_max": max}
 
 
 def reduce_updates(records: list[dict[str, float | None]]) -> dict[str, float | None]:
-    """One value per metric from the step's μ × mini-batch updates (None stays None)."""
+    """One value per metric from the step's μ × mini-batch updates, over the updates that have
+    one (None where none has: no reference model, no completion with Â > 0 in a mini-batch)."""
     out = {}
     for key in records[0]:
-        values = [r[key] for r in records]
+        values = [r[key] for r in records if r[key] is not None]
         reduce = REDUCE_OVER_UPDATES.get(key, lambda v: sum(v) / len(v))
-        out[key] = None if values[0] is None else reduce(values)
+        out[key] = reduce(values) if values else None
     return out

@@ -232,10 +232,11 @@ def combine(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, cache: int) -> torch.Tensor:
-    """DAPO's soft overlong punishment for completions of ``lengths`` tokens, (N,):
+    """DAPO's soft overlong punishment for completions of ``lengths`` tokens, (N,); with ℓ a
+    completion's length::
 
-        R_length(|o|) = 0                                  if |o| ≤ L_max − L_cache
-                        ((L_max − L_cache) − |o|) / L_cache  if L_max − L_cache < |o| ≤ L_max
+        R_length(ℓ) = 0                                if ℓ ≤ L_max − L_cache
+                      ((L_max − L_cache) − ℓ) / L_cache  if L_max − L_cache < ℓ ≤ L_max
 
     so a completion that reaches the limit L_max (``max_len``) loses 1.  ``cache`` = L_cache > 0.
     """

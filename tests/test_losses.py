@@ -528,3 +528,15 @@ def test_masks_of_every_dtype_agree():
     lp, old, adv, mask, _, _ = make_batch(seed=12)
     losses = [grpo_loss(lp, old, adv, mask.to(dtype)).loss for dtype in (torch.bool, torch.int64, torch.uint8, F64)]
     assert all(torch.equal(losses[0], x) for x in losses)
+
+
+def test_metrics_split_completion_lengths_by_the_advantage_sign():
+    """The mean |o_i| over completions with Â > 0 and over those with Â < 0 (None where there
+    are none): the two lengths Dr. GRPO's length-bias argument compares."""
+    lp = torch.zeros(4, 5, dtype=F64)
+    mask = torch.arange(5) < torch.tensor([5, 1, 3, 2])[:, None]  # |o_i| = 5, 1, 3, 2
+    out = grpo_loss(lp, lp, torch.tensor([1.0, 1.0, -1.0, 0.0], dtype=F64), mask)
+    assert out.metrics["completion_tokens_pos_adv"] == 3.0 and out.metrics["completion_tokens_neg_adv"] == 3.0
+    assert out.metrics["completion_tokens_mean"] == 11 / 4
+    out = grpo_loss(lp, lp, torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=F64), mask)
+    assert out.metrics["completion_tokens_neg_adv"] is None

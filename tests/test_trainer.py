@@ -38,7 +38,8 @@ HISTORY_KEYS = {
     "step", "reward_mean", "reward_std", "reward_has_a_one", "zero_std_frac", "truncated_frac", "loss",
     "policy_loss", "kl", "kl_token_mean", "entropy", "entropy_token_mean", "clip_frac_low", "clip_frac_high",
     "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "advantages_abs_mean", "zero_advantage_frac",
-    "completion_tokens_mean", "grad_norm", "lr", "groups_sampled",
+    "completion_tokens_mean", "completion_tokens_pos_adv", "completion_tokens_neg_adv", "grad_norm", "lr",
+    "groups_sampled",
     "step_seconds",
 }
 
@@ -136,9 +137,10 @@ def test_a_metric_is_written_once_and_has_a_label():
 def test_updates_reduce_to_one_value_per_metric():
     """Over a step's updates: the extremes of the ratio by min and max, the rest by the mean,
     None (no reference model) stays None."""
-    records = [dict(ratio_min=0.9, ratio_max=1.1, loss=1.0, kl=None),
-               dict(ratio_min=0.7, ratio_max=1.05, loss=3.0, kl=None)]
-    assert reduce_updates(records) == dict(ratio_min=0.7, ratio_max=1.1, loss=2.0, kl=None)
+    records = [dict(ratio_min=0.9, ratio_max=1.1, loss=1.0, kl=None, completion_tokens_pos_adv=None),
+               dict(ratio_min=0.7, ratio_max=1.05, loss=3.0, kl=None, completion_tokens_pos_adv=4.0)]
+    assert reduce_updates(records) == dict(ratio_min=0.7, ratio_max=1.1, loss=2.0, kl=None,
+                                           completion_tokens_pos_adv=4.0)  # over the updates that have one
 
 
 def test_one_step_changes_parameters_and_records_metrics():
