@@ -296,25 +296,31 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Each metric over ranks: the mean, but ``REDUCE_OVER_UPDATES``' extremes (``ratio_min``,
-    ``ratio_max``) by min and max (identity without torch.distributed)."""
+def mean_over_ranks(metrics: dict[str, float | None]) -> dict[str, float | None]:
+    """Each metric over ranks: the mean over the ranks where it is not ``None`` (a rank whose
+    batch had no Â > 0 has no ``completion_tokens_pos_adv``), but ``REDUCE_OVER_UPDATES``'
+    extremes (``ratio_min``, ``ratio_max``) by min and max; ``None`` where no rank has a value.
+    Every rank sends every key, so the collectives match (identity without torch.distributed)."""
     _, world_size = dist_info()
     if world_size == 1:
         return metrics
     out = dict(metrics)
+    keys = sorted(metrics)
     ops = {min: dist.ReduceOp.MIN, max: dist.ReduceOp.MAX}
-    present = sorted(k for k, v in metrics.items() if v is not None)
-    groups = {op: [k for k in present if ops.get(REDUCE_OVER_UPDATES.get(k)) == op] for op in ops.values()}
-    groups[dist.ReduceOp.SUM] = [k for k in present if k not in REDUCE_OVER_UPDATES]
-    for op, keys in groups.items():
-        if not keys:
+    device = _dist_device()
+    for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX, dist.ReduceOp.SUM):
+        group = [k for k in keys if ops.get(REDUCE_OVER_UPDATES.get(k), dist.ReduceOp.SUM) == op]
+        if not group:
             continue
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_dist_device())
+        missing = {dist.ReduceOp.MIN: math.inf, dist.ReduceOp.MAX: -math.inf, dist.ReduceOp.SUM: 0.0}[op]
+        values = torch.tensor([missing if metrics[k] is None else float(metrics[k]) for k in group],
+                              dtype=torch.float64, device=device)
+        counts = torch.tensor([float(metrics[k] is not None) for k in group], dtype=torch.float64, device=device)
         dist.all_reduce(values, op=op)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         if op == dist.ReduceOp.SUM:
-            values /= world_size
-        out.update(zip(keys, values.tolist()))
+            values = values / counts.clamp(min=1)
+        out.update((k, v if c > 0 else None) for k, v, c in zip(group, values.tolist(), counts.tolist()))
     return out
 
 
