@@ -48,7 +48,7 @@ WARMUP_CACHE = Path("runs/sweep-warmup")
 KEPT = ("reward_mean", "completion_tokens_mean", "completion_tokens_pos_adv", "completion_tokens_neg_adv",
         "truncated_frac", "clip_frac", "zero_std_frac", "groups_sampled", "kl_token_mean", "entropy_token_mean",
         "grad_norm", "step_seconds")
-"""the per-step metrics kept in the JSON (the chapters' curves)"""
+"""the per-step metrics kept in the JSON (the chapters' curves), with every reward_<name> mean"""
 
 
 def three_digit_reward(completion: str, answer: str) -> float:
@@ -115,6 +115,17 @@ def lengths(result) -> dict:
     return {"right": statistics.fmean(right) if right else None, "wrong": statistics.fmean(wrong) if wrong else None}
 
 
+def by_answer_size(result, held_out) -> dict:
+    """Greedy accuracy on the problems whose answer has three digits and on the others, and the
+    share of greedy completions that are three characters long."""
+    split = {"three_digits": [], "fewer_digits": []}
+    for ok, ex in zip(result.correct_mask, held_out):
+        split["three_digits" if len(ex["answer"]) == 3 else "fewer_digits"].append(ok)
+    out = {f"accuracy_{k}": statistics.fmean(v) if v else None for k, v in split.items()}
+    out["three_characters"] = statistics.fmean(len(c.strip()) == 3 for c in result.completions)
+    return out
+
+
 def one_run(base_model, tokenizer, config: GRPOConfig, train, held_out) -> dict:
     """One GRPO run from a copy of the seed's base model: its evaluations, kept metrics, the
     final greedy completions' lengths and its seconds."""
@@ -123,8 +134,11 @@ def one_run(base_model, tokenizer, config: GRPOConfig, train, held_out) -> dict:
     trainer.train(progress=False)
     out = {
         "evals": [e.summary() for e in trainer.evals],
-        "history": [{k: h.get(k) for k in KEPT} for h in trainer.history],
+        "history": [{**{k: h.get(k) for k in KEPT}, **{k: v for k, v in h.items() if k.startswith("reward_")}}
+                    for h in trainer.history],
         "greedy_lengths_before": lengths(trainer.evals[0]), "greedy_lengths_after": lengths(trainer.evals[-1]),
+        "by_answer_size_before": by_answer_size(trainer.evals[0], held_out),
+        "by_answer_size_after": by_answer_size(trainer.evals[-1], held_out),
         "seconds": time.perf_counter() - start,
     }
     return out
