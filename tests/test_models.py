@@ -29,6 +29,25 @@ def test_smoke_model_loads_offline_with_a_chat_template(smoke, monkeypatch):
     assert tokenizer.eos_token == "<|im_end|>"
 
 
+@pytest.mark.slow
+def test_smoke_model_is_an_ordinary_model(smoke, tmp_path):
+    """No GGUF quantizer left on it: it saves, reloads to the same logits, and transformers'
+    Trainer (TRL's base) accepts it for training."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from minigrpo.tiny import load_tiny, save_tiny
+
+    model, tokenizer = smoke
+    assert getattr(model, "hf_quantizer", None) is None
+    assert not hasattr(model.config, "quantization_config")
+    validate_quantization_for_training(model)  # raises for a GGUF-quantised model
+    save_tiny(model, tokenizer, tmp_path)
+    reloaded, _ = load_tiny(tmp_path)
+    ids = tokenizer(["Carla had 15 apples"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**ids).logits, model(**ids).logits, rtol=0, atol=0)
+
+
 def _perturb_adapter(model):
     """B = 0 at initialisation makes ΔW = 0; give the adapter a non-zero B to tell them apart."""
     with torch.no_grad():
