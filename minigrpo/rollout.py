@@ -61,10 +61,12 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``(input_ids, attention_mask)``, both (P, L), on ``device``."""
+    """Left-padded ``(input_ids, attention_mask)``, both (P, L), on ``device``: left whatever the
+    tokenizer's own ``padding_side`` (a checkpoint's saved tokenizer is often right-padded), so
+    every prompt's last token is in the last column, where generation continues."""
     if not prompts:
         raise ValueError("prompts is empty")
-    batch = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=True)
+    batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=True)
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 

@@ -201,3 +201,16 @@ def test_shared_prefill_samples_the_same_distribution():
         a = torch.bincount(ids[p * n : (p + 1) * n, 1], minlength=len(tokenizer)) / n
         b = torch.bincount(plain[p * n : (p + 1) * n, 1], minlength=len(tokenizer)) / n
         assert (a - b).abs().max() < 0.05
+
+
+def test_prompts_are_left_padded_whatever_the_tokenizer_says():
+    """A tokenizer saved right-padded (many checkpoints are) must not move the prompts' last
+    tokens away from the last column, where generation continues."""
+    _, tokenizer = small_world()
+    tokenizer.padding_side = "right"
+    try:
+        ids, mask = tokenize_prompts(tokenizer, ["1+2=", "45+67="])
+    finally:
+        tokenizer.padding_side = "left"
+    assert mask[:, -1].tolist() == [1, 1] and mask[0, 0] == 0
+    assert ids[0, -4:].tolist() == tokenizer("1+2=")["input_ids"][-4:]
