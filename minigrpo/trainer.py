@@ -494,19 +494,19 @@ class GRPOTrainer:
         sampled = [(batch, parts, means)]
         if c.dynamic_sampling:
             want = c.prompts_per_step // self.world_size
-            kept = [(batch, parts, live_groups(combine(parts, weights), c.group_size))]
-            while sum(len(g) for *_, g in kept) < want and len(sampled) < c.max_sampling_rounds:
+            live = [live_groups(combine(parts, weights), c.group_size)]  # per rollout, its groups with signal
+            while sum(map(len, live)) < want and len(sampled) < c.max_sampling_rounds:
                 more, more_parts, _, more_means = self.rewarded_groups()
                 sampled.append((more, more_parts, more_means))
-                kept.append((more, more_parts, live_groups(combine(more_parts, weights), c.group_size)))
+                live.append(live_groups(combine(more_parts, weights), c.group_size))
             chosen, chosen_parts, total = [], [], 0
-            for part, part_rewards, groups in kept:
+            for (part, part_rewards, _), groups in zip(sampled, live):
                 groups = groups[: want - total]
                 total += len(groups)
                 if groups:
-                    rows = [g * c.group_size + j for g in groups for j in range(c.group_size)]
                     chosen.append(select_groups(part, groups, c.group_size))
-                    chosen_parts.append(part_rewards[:, rows])
+                    by_group = part_rewards.view(len(part_rewards), -1, c.group_size)  # (K, P, G)
+                    chosen_parts.append(by_group[:, groups].flatten(1))
             if chosen:  # else no group had signal: train on the first rollout (only the KL moves)
                 batch, parts = concat_rollouts(chosen, self.tokenizer.pad_token_id), torch.cat(chosen_parts, dim=1)
         every = combine(torch.cat([p for _, p, _ in sampled], dim=1), weights)  # (rounds · N,)

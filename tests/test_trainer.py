@@ -302,6 +302,9 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
     n_groups = rewards.numel() // 4
     assert 1 <= n_groups <= 4 and batch.completion_ids.shape[0] == rewards.numel() == len(batch.completions)
     assert live_groups(rewards, 4) == list(range(n_groups))  # every group kept has signal
+    kept_parts, _ = compute_rewards(batch.completions, batch.answers, trainer.config.reward_funcs,
+                                    trainer.config.reward_weights)
+    torch.testing.assert_close(parts, kept_parts)  # each kept group's rewards are its own
     assert metrics["groups_sampled"] in (4, 8, 12)  # one to three rollouts of 4 prompts
     assert (metrics["groups_sampled"] == 4) == (n_groups == 4 and metrics["zero_std_frac"] == 0)
     again = make_trainer(dynamic_sampling=True, max_sampling_rounds=3, prompts_per_step=4, group_size=4)
