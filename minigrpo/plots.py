@@ -162,6 +162,18 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[
     return fig
 
 
+def plot_seed_band(ax, steps: Sequence[float], per_seed: Sequence[Sequence[float]], label: str, color: str,
+                   **line) -> None:
+    """One curve over several seeds, on ``ax``: the mean over seeds as a line (``line`` goes to
+    ``ax.plot``: marker, ls, …) and the seeds' minimum to maximum as a shaded band.
+    ``per_seed`` holds one sequence of values per seed, each as long as ``steps``."""
+    values = _numpy(per_seed)  # (seeds, steps)
+    if values.ndim != 2 or values.shape[1] != len(steps):
+        raise ValueError(f"per_seed must be (seeds, {len(steps)}) values, got shape {values.shape}")
+    ax.plot(steps, values.mean(0), color=color, label=label, **line)
+    ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15, lw=0)
+
+
 def plot_history(history: Sequence[Mapping[str, float]], keys: Sequence[str],
                  ncols: int = 2) -> Figure:
     """Training curves of one run: one panel per metric in ``keys``.

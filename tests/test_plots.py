@@ -50,3 +50,14 @@ def test_plot_history_and_runs():
 def test_plot_runs_needs_keys():
     with pytest.raises(ValueError, match="keys"):
         plots.plot_runs({"a": []}, [])
+
+
+def test_plot_seed_band_draws_the_mean_and_the_range():
+    fig, ax = plt.subplots()
+    plots.plot_seed_band(ax, [0, 10, 20], [[0.1, 0.5, 0.7], [0.3, 0.5, 0.9]], "GRPO", "C0", marker="o")
+    line, = ax.get_lines()
+    assert line.get_label() == "GRPO" and list(line.get_ydata()) == pytest.approx([0.2, 0.5, 0.8])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.1) and band.max() == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="per_seed"):
+        plots.plot_seed_band(ax, [0, 10], [[0.1, 0.5, 0.7]], "GRPO", "C0")
