@@ -94,6 +94,51 @@ def plain_generation_config(model, eos_ids: list[int], pad_id: int):
         hf_model.generation_config = saved
 
 
+def prefix_cache(model, prompt_ids, prompt_mask, group_size: int):
+    """The KV cache of each prompt but its last token, computed once and copied ``group_size``
+    times: (P, L − 1) prompts give a cache for P·G rows, rows i·G … i·G + G − 1 holding prompt
+    i's.  Differentiable: the copies' gradients flow back into the one forward pass."""
+    prefix_mask = prompt_mask[:, :-1]  # (P, L − 1)
+    prefix = model(input_ids=prompt_ids[:, :-1], attention_mask=prefix_mask,
+                   position_ids=position_ids_from_mask(prefix_mask), use_cache=True, logits_to_keep=1)
+    if prefix.cache is None:  # a model in training mode with gradient checkpointing keeps no cache
+        raise ValueError("a shared prefix needs the KV cache: turn gradient checkpointing off or use group_size=1")
+    prefix.cache.batch_repeat_interleave(group_size)  # (P·G, …)
+    return prefix.cache
+
+
+@contextlib.contextmanager
+def merged_lora(model):
+    """Inside the block every LoRA layer computes x·(W + s·B·A)ᵀ with one matrix product, as the
+    bare model does, instead of x·Wᵀ + s·(x·Aᵀ)·Bᵀ: the same function up to float rounding, for
+    the cost of one weight copy.  On exit the original W is put back (the tensor itself:
+    nothing is subtracted, so W never drifts).
+
+    Only float32 weights are merged: in bfloat16, W + ΔW would round away most of a small ΔW
+    (its spacing near |W| = 0.02 is 1.2e-4) and sampling would come from near π_ref.  A model
+    without a LoRA adapter, or with lower-precision weights, runs as it is.
+    """
+    peft_model = unwrap(model)
+    layers = [m for m in peft_model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "get_base_layer")]
+    if not layers or any(m.get_base_layer().weight.dtype != torch.float32 or m.disable_adapters or m.merged
+                         for m in layers):
+        yield
+        return
+    saved = []
+    with torch.no_grad():
+        for m in layers:
+            base = m.get_base_layer()
+            delta = sum(m.get_delta_weight(name) for name in m.active_adapters)
+            saved.append((base, base.weight))
+            base.weight = torch.nn.Parameter(base.weight + delta, requires_grad=False)
+    try:
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        for base, weight in saved:
+            base.weight = weight
+
+
 @torch.no_grad()
 def sample_completions(
     model, tokenizer, prompt_ids, prompt_mask, *, group_size, temperature, max_new_tokens, greedy=False,
@@ -101,27 +146,25 @@ def sample_completions(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``group_size`` completions per prompt from softmax(logits / τ) with the KV cache, rows
     grouped by prompt; ``greedy=True`` takes the arg-max token instead (then G must be 1).
+    A LoRA policy samples with its adapter merged into its weights (``merged_lora``).
 
     ``shared_prefill=True`` runs each prompt (but its last token) through the model once and
-    gives its G samples copies of that KV cache, instead of letting ``generate`` prefill every
-    prompt G times: the same distribution, a G-th of the prefill compute, and different random
-    draws (and last-bit logits) than without it.
+    gives its G samples copies of that KV cache (``prefix_cache``), instead of letting
+    ``generate`` prefill every prompt G times: the same distribution, a G-th of the prefill
+    compute, and different random draws (and last-bit logits) than without it.
 
     Returns ``(completion_ids, completion_mask, truncated)``: (P·G, T), (P·G, T) and (P·G,),
     True where no EOS came within ``max_new_tokens`` (the completion was cut at the limit).
     """
     eos_ids = eos_token_ids(model, tokenizer)
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    cache = {}
-    if shared_prefill and group_size > 1 and prompt_ids.shape[1] > 1:
-        prefix_mask = prompt_mask[:, :-1]  # (P, L − 1)
-        prefix = unwrap(model)(input_ids=prompt_ids[:, :-1], attention_mask=prefix_mask,
-                               position_ids=position_ids_from_mask(prefix_mask), use_cache=True)
-        prefix.cache.batch_repeat_interleave(group_size)  # (P·G, …) copies
-        cache = {"cache": prefix.cache}
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
-        group_size = 1
-    with plain_generation_config(model, eos_ids, tokenizer.pad_token_id):
+    with plain_generation_config(model, eos_ids, tokenizer.pad_token_id), merged_lora(model):
+        cache = {}
+        if shared_prefill and group_size > 1 and prompt_ids.shape[1] > 1:
+            cache = {"cache": prefix_cache(unwrap(model), prompt_ids, prompt_mask, group_size)}
+            prompt_ids = prompt_ids.repeat_interleave(group_size, 0)
+            prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
+            group_size = 1
         output = unwrap(model).generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, num_return_sequences=group_size,
             max_new_tokens=max_new_tokens, use_cache=True, **sampling, **cache,
@@ -139,7 +182,8 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids: int | list[int]
     return (eos_before == 0).long()  # (N, T)
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
+                        group_size=1):
     """Per-token log π(o_t | q, o_<t) and entropy at the completion positions, both (N, T),
     for the distribution the completions are sampled from: π = softmax(logits / τ).
 
@@ -147,17 +191,33 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     earlier, so only the last T + 1 positions become logits (``logits_to_keep``), divided by τ in
     place.  All T + 1 are scored, the last (which predicts nothing) then dropped from the
     results: slicing the logits instead would make ``token_logprobs_and_entropy`` copy them.
+
+    ``group_size`` G > 1 says the rows are whole groups (rows i·G … i·G + G − 1 share prompt
+    i): each prompt but its last token then runs once (``prefix_cache``) and only [last prompt
+    token, completion] runs per row, with gradients through both.  The same function up to
+    float rounding, for a fraction of the compute when prompts are long: (N/G)·(L − 1) + N·(T + 1)
+    positions instead of N·(L + T).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    n, L = prompt_ids.shape
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size must be ≥ 1 and divide the {n} rows, got {group_size}")
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, L + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, L + T)
+    position_ids = position_ids_from_mask(attention_mask)  # (N, L + T)
+    start, cache = 0, {}
+    if group_size > 1 and L > 1:  # unwrap: one DDP forward per backward, the prefix inside its graph
+        first = slice(None, None, group_size)  # each group's first row
+        cache = {"cache": prefix_cache(unwrap(model), prompt_ids[first], prompt_mask[first], group_size)}
+        start = L - 1
     logits = model(
-        input_ids=input_ids,
+        input_ids=input_ids[:, start:],
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids[:, start:],
         logits_to_keep=completion_ids.shape[1] + 1,
-        use_cache=False,
+        use_cache=bool(cache),
+        **cache,
     ).logits  # (N, T + 1, V), contiguous
     if temperature != 1.0:
         logits = logits.div_(temperature)
@@ -167,14 +227,17 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 
 @torch.no_grad()
-def score(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, rows_per_pass=None):
+def score(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, rows_per_pass=None,
+          group_size=1):
     """log π(o_t | q, o_<t), (N, T), without gradients, ``rows_per_pass`` sequences per forward
-    pass (None: all at once), so the scoring passes never hold logits for all N rows."""
+    pass (None: all at once), so the scoring passes never hold logits for all N rows.
+    ``group_size`` > 1: rows are whole groups and each prompt runs once (``completion_logprobs``);
+    a pass then holds whole groups, ``rows_per_pass`` rounded down to a multiple of G (at least G)."""
     n = completion_ids.shape[0]
-    step = rows_per_pass or n
+    step = max(group_size, (rows_per_pass or n) // group_size * group_size)
     parts = [
         completion_logprobs(model, prompt_ids[i : i + step], prompt_mask[i : i + step],
-                            completion_ids[i : i + step], completion_mask[i : i + step], temperature)[0]
+                            completion_ids[i : i + step], completion_mask[i : i + step], temperature, group_size)[0]
         for i in range(0, n, step)
     ]  # fmt: skip
     return torch.cat(parts)  # (N, T)
@@ -248,7 +311,8 @@ def rollout(
     from ``ref_model``, at the sampling temperature, ``rows_per_pass`` sequences per forward
     pass.  ``score_old=False`` skips the old pass and leaves ``old_logprobs`` None, for a trainer
     whose only update runs at θ = θ_old and takes them from its own forward pass.
-    ``shared_prefill``: see ``sample_completions``.
+    ``shared_prefill``: each prompt runs once per group, in sampling (``sample_completions``)
+    and in the scoring passes (``completion_logprobs``).
     """
     if group_size < 1:
         raise ValueError(f"group_size must be ≥ 1, got {group_size}")
@@ -260,7 +324,8 @@ def rollout(
     )  # (N, T), (N, T), (N,)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # (N, L)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, L)
-    batch = (prompt_ids, prompt_mask, completion_ids, mask, temperature, rows_per_pass)
+    batch = (prompt_ids, prompt_mask, completion_ids, mask, temperature, rows_per_pass,
+             group_size if shared_prefill else 1)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

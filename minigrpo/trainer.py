@@ -140,7 +140,9 @@ class GRPOConfig:
     rows_per_pass: int | None = None
     """sequences per no-grad scoring pass (old and reference log-probs); None: all N at once"""
     shared_prefill: bool = False
-    """prefill each prompt once and copy its KV cache to its G samples (``rollout.sample_completions``): faster for long prompts"""
+    """run each prompt once per group and copy its KV cache to its G rows, in sampling, scoring and (with one
+    mini-batch and no gradient checkpointing) the update's forward pass: the same function, far less compute
+    for long prompts (``rollout.prefix_cache``)"""
     checkpoint_every: int = 0
     """write a checkpoint every this many steps (and at the end) when a directory is given"""
     seed: int = 0
@@ -549,6 +551,10 @@ class GRPOTrainer:
         records = []
         was_training = self.model.training
         self.model.train()  # gradient checkpointing, when on, acts in training mode only
+        # whole groups in order (one mini-batch) can share each prompt's forward pass, unless
+        # gradient checkpointing (which keeps no KV cache) is on
+        checkpointing = getattr(unwrap(self.model), "is_activation_checkpointing", False)
+        group = c.group_size if c.shared_prefill and c.num_minibatches == 1 and not checkpointing else 1
         for _ in range(c.num_updates):
             order = torch.randperm(n) if c.num_minibatches > 1 else torch.arange(n)
             for rows in order.to(self.device).chunk(c.num_minibatches):
@@ -557,7 +563,7 @@ class GRPOTrainer:
                     mask = mask * ~batch.truncated[rows, None]
                 logprobs, entropy = completion_logprobs(
                     self.policy, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
-                    mask, c.temperature,
+                    mask, c.temperature, group,
                 )  # (n, T), (n, T)
                 old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
                 out = grpo_loss(

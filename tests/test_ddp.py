@@ -13,14 +13,18 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_two_ranks_end_with_identical_parameters(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--set", "shared_prefill=True"]], ids=["plain", "shared_prefill"])
+def test_two_ranks_end_with_identical_parameters(tmp_path, options):
+    """With ``shared_prefill`` the update's prefix pass runs outside DDP's forward, inside the
+    same graph: its gradient must still be all-reduced, or the ranks' parameters would part."""
     out = tmp_path / "ddp.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "minigrpo",
-               "arithmetic", "--tiny", "--steps", "3", "--no-progress", "--seed", "1", "--out", str(out)]
+               "arithmetic", "--tiny", "--steps", "3", "--no-progress", "--seed", "1", "--out", str(out), *options]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["world_size"] == 2
+    assert result["config"]["shared_prefill"] == bool(options)
     assert result["steps"] == 3 and result["config"]["prompts_per_step"] == 4  # 2 prompts per rank
     ranks = result["params_sha256_per_rank"]
     assert len(ranks) == 2 and ranks[0] == ranks[1] == result["params_sha256"]

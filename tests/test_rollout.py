@@ -11,9 +11,11 @@ from minigrpo.rollout import (
     decode_completions,
     eos_token_ids,
     greedy_completions,
+    merged_lora,
     position_ids_from_mask,
     rollout,
     sample_completions,
+    score,
     tokenize_prompts,
 )
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
@@ -201,6 +203,105 @@ def test_shared_prefill_samples_the_same_distribution():
         a = torch.bincount(ids[p * n : (p + 1) * n, 1], minlength=len(tokenizer)) / n
         b = torch.bincount(plain[p * n : (p + 1) * n, 1], minlength=len(tokenizer)) / n
         assert (a - b).abs().max() < 0.05
+
+
+def lora_world(dtype=torch.float32):
+    """The small world in a LoRA adapter whose B is not 0 (ΔW ≠ 0), in ``dtype``."""
+    model, tokenizer = small_world()
+    model = prepare_for_training(model.to(dtype), lora_rank=2)
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    return model, tokenizer
+
+
+def test_a_shared_prefix_gives_the_same_logprobs_entropies_and_gradients():
+    """Each prompt run once and its cache copied to the G rows of its group is the same function
+    as running every row whole: in float64 the values agree to 1e-10 and the LoRA gradients to
+    1e-6 of their largest entry (transformers' RMSNorm computes in float32 whatever the dtype)."""
+    model, tokenizer = lora_world(torch.float64)
+    G = 3
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2=", "45+67=", "3="])  # left-padded
+    torch.manual_seed(0)
+    ids, mask, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=G,
+                                      temperature=1.0, max_new_tokens=5, shared_prefill=True)
+    assert (mask == 0).any()  # some completions end early: the masks differ within groups
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+    model.train()
+    adapter = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for group_size in (1, G):
+        logprobs, entropy = completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, 1.3, group_size)
+        grads = torch.autograd.grad(((logprobs + 0.1 * entropy) * mask).sum(), adapter)
+        results.append((logprobs.detach(), entropy.detach(), grads))
+    (lp1, ent1, g1), (lpG, entG, gG) = results
+    on = mask.bool()
+    torch.testing.assert_close(lpG[on], lp1[on], rtol=0, atol=1e-10)
+    torch.testing.assert_close(entG[on], ent1[on], rtol=0, atol=1e-10)
+    for a, b in zip(gG, g1):  # summed in another order, through RMSNorm's float32 upcast: not bitwise
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * b.abs().max().item())
+    # the no-grad scoring passes, in whole groups (4 rows per pass round down to 3)
+    torch.testing.assert_close(score(model, prompt_ids, prompt_mask, ids, mask, 1.3, 4, G)[on], lp1[on],
+                               rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="group_size"):
+        completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, 1.0, 2)  # 2 does not divide 9 rows
+
+
+def test_a_shared_prefix_needs_the_kv_cache():
+    model, tokenizer = small_world()
+    model = prepare_for_training(model, gradient_checkpointing=True).train()
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2=", "1+2="])
+    ids = torch.ones(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        completion_logprobs(model, prompt_ids, prompt_mask, ids, torch.ones_like(ids), 1.0, 2)
+
+
+def adapter_weights(model):
+    return [m.get_base_layer().weight for m in model.modules() if hasattr(m, "get_delta_weight")]
+
+
+def test_merged_lora_is_the_same_function_and_puts_w_back_bit_for_bit():
+    """Inside ``merged_lora`` the policy's logits are the adapter's (ΔW ≠ 0) up to rounding and
+    its base weights hold W + ΔW; afterwards (also after an exception) every W is the original
+    tensor, unchanged, and the adapter is on again."""
+    model, tokenizer = lora_world()
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2=", "45+67="])
+    originals = adapter_weights(model)
+    copies = [w.clone() for w in originals]
+    with torch.no_grad():
+        expected = model(input_ids=prompt_ids, attention_mask=prompt_mask).logits
+        with merged_lora(model):
+            merged = model(input_ids=prompt_ids, attention_mask=prompt_mask).logits
+            assert all(w is not o for w, o in zip(adapter_weights(model), originals))
+        with pytest.raises(RuntimeError), merged_lora(model):
+            raise RuntimeError
+        again = model(input_ids=prompt_ids, attention_mask=prompt_mask).logits
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-5)
+    assert all(w is o and torch.equal(w, c) for w, o, c in zip(adapter_weights(model), originals, copies))
+    assert torch.equal(again, expected)  # the adapter is on again
+
+
+def test_greedy_decoding_of_a_lora_policy_is_the_adapters():
+    """Sampling with the adapter merged decodes what the unmerged adapter's arg-max gives."""
+    model, tokenizer = lora_world()
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2="])
+    ids, _, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=1, temperature=1.0,
+                                   max_new_tokens=4, greedy=True)
+    by_hand = prompt_ids
+    with torch.no_grad():
+        for _ in range(ids.shape[1]):
+            token = model(input_ids=by_hand).logits[0, -1].argmax()
+            by_hand = torch.cat([by_hand, token.view(1, 1)], dim=1)
+    assert ids[0].tolist() == by_hand[0, prompt_ids.shape[1]:].tolist()
+
+
+def test_bfloat16_weights_are_not_merged():
+    """In bfloat16, W + ΔW would round a small ΔW away: those weights stay as they are."""
+    model, _ = lora_world(torch.bfloat16)
+    originals = adapter_weights(model)
+    with merged_lora(model):
+        assert all(w is o for w, o in zip(adapter_weights(model), originals))
 
 
 def test_prompts_are_left_padded_whatever_the_tokenizer_says():

@@ -242,6 +242,34 @@ def test_lora_policy_checkpoints_and_resumes(tmp_path):
     assert restored.step == 2
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefill_updates_as_the_plain_forward_does(checkpointing):
+    """On the same rollout, an update whose forward runs each prompt once per group
+    (``shared_prefill``) moves the parameters as the plain forward does; with gradient
+    checkpointing, which keeps no KV cache, the update takes the plain forward."""
+    def trainer(shared):
+        model = build_model(build_tokenizer(), SMALL, seed=0).double()
+        model = models.prepare_for_training(model, gradient_checkpointing=checkpointing)
+        return make_trainer(model, shared_prefill=shared, beta=0.04, alpha=0.01, lr=1e-2)
+
+    plain, shared = trainer(False), trainer(True)
+    start = [p.detach().clone() for p in plain.model.parameters()]
+    torch.manual_seed(0)
+    batch, parts, weights, _ = plain.sample_batch()
+    advantages = plain.advantages(parts, weights)
+    assert advantages.abs().sum() > 0
+    records = []
+    for t in (plain, shared):  # plain SGD at lr 1: each parameter moves by −(its gradient)
+        t.optimizer = torch.optim.SGD(t.model.parameters(), lr=1.0)
+        records.append(t.policy_updates(batch, advantages))
+    steps = [[p.detach() - p0 for p, p0 in zip(t.model.parameters(), start)] for t in (plain, shared)]
+    largest = max(s.abs().max().item() for s in steps[0])
+    assert largest > 0
+    for a, b in zip(*steps):  # RMSNorm's float32 upcast: equal to ~1e-8 of the largest, not bitwise
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6 * largest)
+    assert records[0]["loss"] == pytest.approx(records[1]["loss"], abs=1e-9)
+
+
 def test_supervised_loss_is_the_answer_tokens_mean_nll():
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, SMALL, seed=0)
