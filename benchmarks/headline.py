@@ -37,7 +37,10 @@ TARGETS = {
     "small-model": {"gain": 0.15, "p_value_below": 0.01, "command_seconds": 900.0},
 }
 WARMUP_CACHE = Path("runs/warmup-cache")  # the arithmetic control reuses seed 0's warm-up (same model)
+_ENVIRON = dict(os.environ)
 PINNED_CPU_NUMERICS = runpy.run_path(str(Path(__file__).parent.parent / "conftest.py"))["PINNED_CPU_NUMERICS"]
+os.environ.clear()  # running conftest.py also set the pins here; only the arithmetic runs get them
+os.environ.update(_ENVIRON)
 RUNS = [("seed0", 0, []), ("seed1", 1, []), ("seed2", 2, []), ("control_seed0", 0, ["--shuffle-rewards"])]
 
 
