@@ -202,6 +202,8 @@ def differences(config: GRPOConfig, lora_rank: int) -> list[str]:
         "sampling: minigrpo calls generate once on P prompts with num_return_sequences=G and a fresh "
         "generation config; TRL repeats each prompt G times in the batch; both let generate derive "
         "positions from the mask and sample softmax(logits/τ) with top_k=0, top_p=1",
+        "LoRA in sampling and evaluation: minigrpo generates from merged float32 weights W + s·B·A (one "
+        "product per layer, W put back after); TRL's generate runs the unmerged adapter",
         "log-prob forward: TRL passes no position_ids (left-padded rows are shifted by a constant, which "
         "rotary embeddings ignore up to rounding) and uses its fused LM head with labels; minigrpo passes "
         "cumsum(mask)-1 positions and logits_to_keep",
@@ -224,8 +226,9 @@ def differences(config: GRPOConfig, lora_rank: int) -> list[str]:
         f"functions ({rewards}) score both",
     ]
     if config.shared_prefill:
-        notes.append("prefill: minigrpo prefills each prompt once and copies its KV cache to its G samples "
-                     "(GRPOConfig.shared_prefill); TRL's generate prefills every one of the G copies")
+        notes.append("shared prefix: minigrpo runs each prompt once and copies its KV cache to its G rows, in "
+                     "sampling and in the update's forward pass (GRPOConfig.shared_prefill); TRL runs every one "
+                     "of the G copies in both")
     if config.beta == 0:
         notes.append("β = 0: neither trainer keeps or runs a reference model")
     if config.lr_schedule != "constant" or config.warmup_steps:
