@@ -79,3 +79,20 @@ def test_small_model_command_builds_its_run_and_prints_the_result(monkeypatch, c
     assert run.grpo.seed == 2 and run.grpo.shuffle_rewards and run.grpo.steps == 3
     assert json.loads(out.read_text())["n_eval"] == run.grpo.eval_size
     assert "0.250 -> 0.500" in capsys.readouterr().out
+
+
+def test_headline_gives_the_numerics_pins_to_the_arithmetic_runs_only():
+    """benchmarks/headline.py reads the pins from conftest.py, which sets them where it runs:
+    the script must undo that, or the small-model runs would inherit MKL's slow SSE2 path."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    pins = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+    env = {k: v for k, v in os.environ.items() if k not in pins}
+    code = ("import os, runpy; g = runpy.run_path('benchmarks/headline.py', run_name='headline'); "
+            "print(sorted(k for k in g['PINNED_CPU_NUMERICS'] if k in os.environ))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
