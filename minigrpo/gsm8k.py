@@ -112,9 +112,9 @@ def small_model_run(seed: int = 0, shuffle_rewards: bool = False) -> GSM8KRun:
     """SmolLM2-135M-Instruct visibly learning on two CPU cores (``python -m minigrpo small-model``).
 
     One-step word problems (``task="word_problems"``), greedy held-out accuracy on 300 of them
-    (≤ 32 tokens) before and after; 20 steps of 4 prompts × G = 8 samples of ≤ 24 tokens with the prompt
-    prefilled once (``shared_prefill``), rewarded by correctness alone (the one-shot prompt
-    already gets the answer boxed), LoRA r = 16 at lr 1e-4, no KL term.  13 to 15 minutes on two
+    (≤ 32 tokens) before and after; 20 steps of 4 prompts × G = 8 samples of ≤ 24 tokens, each prompt
+    run once per group in sampling and in the update (``shared_prefill``), rewarded by correctness alone (the one-shot prompt
+    already gets the answer boxed), LoRA r = 16 at lr 1e-4, no KL term.  9 to 11 minutes on two
     cores.  ``shuffle_rewards=True`` is the control.
     """
     grpo = GRPOConfig(
