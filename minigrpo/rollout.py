@@ -115,7 +115,7 @@ def merged_lora(model):
     nothing is subtracted, so W never drifts).
 
     Only float32 weights are merged: in bfloat16, W + ΔW would round away most of a small ΔW
-    (its spacing near |W| = 0.02 is 1.2e-4) and sampling would come from near π_ref.  A model
+    (its spacing near a weight of 0.02 is 1.2e-4) and sampling would come from near π_ref.  A model
     without a LoRA adapter, or with lower-precision weights, runs as it is.
     """
     peft_model = unwrap(model)
