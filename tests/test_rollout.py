@@ -161,6 +161,20 @@ def test_generation_stops_on_every_declared_eos():
     assert any(ids[n - 1] == plus for ids, n in zip(batch.completion_ids.tolist(), ends))
 
 
+def argmax_by_hand(model, ids, steps, eos=None):
+    """Arg-max decoding of one unpadded prompt (1, L), a full forward pass per token, without
+    the KV cache or ``generate``: up to ``steps`` token ids, stopping before ``eos``."""
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(input_ids=ids).logits[0, -1].argmax()
+            if token == eos:
+                break
+            out.append(int(token))
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return out
+
+
 def test_greedy_completions_match_greedy_decoding_by_hand():
     """Batched, left-padded greedy decoding equals arg-max decoding of each prompt alone, even
     with a hostile generation_config on the checkpoint."""
@@ -169,14 +183,7 @@ def test_greedy_completions_match_greedy_decoding_by_hand():
     texts = greedy_completions(model, tokenizer, [ex["prompt"] for ex in EXAMPLES], max_new_tokens=4)
     for text, ex in zip(texts, EXAMPLES):
         ids = tokenizer(ex["prompt"], return_tensors="pt")["input_ids"]
-        out = []
-        with torch.no_grad():
-            for _ in range(4):
-                token = model(input_ids=ids).logits[0, -1].argmax()
-                if token == tokenizer.eos_token_id:
-                    break
-                out.append(int(token))
-                ids = torch.cat([ids, token.view(1, 1)], dim=1)
+        out = argmax_by_hand(model, ids, 4, eos=tokenizer.eos_token_id)
         assert text == tokenizer.decode(out, skip_special_tokens=True)
 
 
@@ -288,12 +295,7 @@ def test_greedy_decoding_of_a_lora_policy_is_the_adapters():
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2="])
     ids, _, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=1, temperature=1.0,
                                    max_new_tokens=4, greedy=True)
-    by_hand = prompt_ids
-    with torch.no_grad():
-        for _ in range(ids.shape[1]):
-            token = model(input_ids=by_hand).logits[0, -1].argmax()
-            by_hand = torch.cat([by_hand, token.view(1, 1)], dim=1)
-    assert ids[0].tolist() == by_hand[0, prompt_ids.shape[1]:].tolist()
+    assert ids[0].tolist() == argmax_by_hand(model, prompt_ids, ids.shape[1])
 
 
 def test_bfloat16_weights_are_not_merged():
