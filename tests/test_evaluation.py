@@ -86,19 +86,63 @@ def test_pass_at_k_rejects_impossible_counts():
             pass_at_k(n, c, k)
 
 
-def test_sampled_pass_at_k_counts_correct_samples(one_thread):
-    """Against a reward that knows the answer: pass@k from the package equals the estimator
-    applied to counts made by hand from the same samples."""
+# Five problems "a+1=" (answer a+1), five samples each, written down by hand.  A sample counts
+# when the reward is exactly 1: "11" for answer "1" earns 0.5 (it contains the answer) and does
+# not count.  Correct per problem: c = 0, 1, 2, 5, 4.
+HAND_SAMPLES = {
+    "0+1=": ["2", "11", "7", "0", "3"],  # answer 1: c = 0
+    "1+1=": ["2", "3", "22", "5", "12"],  # answer 2: c = 1
+    "2+1=": ["3", "1", "3", "9", "33"],  # answer 3: c = 2
+    "3+1=": ["4", "4", "4", "4", "4"],  # answer 4: c = 5
+    "4+1=": ["5", "5", "6", "5", "5"],  # answer 5: c = 4
+}
+# pass@k = 1 − C(n−c, k)/C(n, k) with n = 5, worked on paper, then averaged over the 5 problems:
+#   k = 1: c/5                     → 0, .2, .4, 1, .8  → 2.4/5 = 0.48
+#   k = 2: 1 − C(5−c, 2)/10        → 0, 1 − 6/10, 1 − 3/10, 1, 1 (C(1, 2) = 0)  → 3.1/5 = 0.62
+#   k = 3: 1 − C(5−c, 3)/10        → 0, 1 − 4/10, 1 − 1/10, 1, 1  → 3.5/5 = 0.70
+#   k = 5: 1 − C(5−c, 5)/1         → 0, 1, 1, 1, 1  → 4/5 = 0.80
+# (pooling the 12 correct of 25 instead would give pass@2 = 1 − C(13, 2)/C(25, 2) = 0.74.)
+HAND_PASS_AT_K = {1: 0.48, 2: 0.62, 3: 0.70, 5: 0.80}
+
+
+def test_sampled_pass_at_k_counts_correct_samples(one_thread, monkeypatch):
+    """Counts and pass@k made by hand: the sampler is replaced by one that returns the samples
+    written down in ``HAND_SAMPLES`` for whichever prompts it is given (each followed by EOS and,
+    past the mask, junk that would spoil the count if it were decoded), two prompts per batch;
+    the reward gives 0.5 to near misses, which must not count.  The package must find c = 0, 1,
+    2, 5, 4 and the per-problem average of 1 − C(n−c, k)/C(n, k) computed on paper."""
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
-    examples = [{"prompt": f"{a}+1=", "answer": "1"} for a in range(5)]
-    has_a_one = lambda completion, answer: float(answer in completion)  # noqa: E731
-    torch.manual_seed(0)
-    out = sampled_pass_at_k(model, tokenizer, examples, has_a_one, n=6, ks=(1, 3), temperature=1.5,
+    examples = [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(5)]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    calls = []
+
+    def hand_sampler(model_, tokenizer_, prompt_ids, prompt_mask, *, group_size, temperature, max_new_tokens,
+                     **kwargs):
+        prompts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(prompt_ids, prompt_mask)]
+        calls.append((prompts, group_size, temperature, max_new_tokens))
+        rows, masks = [], []
+        for prompt in prompts:
+            for text in HAND_SAMPLES[prompt]:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+                junk = tokenizer("1234", add_special_tokens=False)["input_ids"]  # after the EOS, masked out
+                rows.append(ids + junk)
+                masks.append([1] * len(ids) + [0] * len(junk))
+        T = max(map(len, rows)) + 1
+        ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+        mask = torch.tensor([m + [0] * (T - len(m)) for m in masks])
+        return ids, mask, torch.zeros(len(rows), dtype=torch.bool)
+
+    monkeypatch.setattr("minigrpo.evaluation.sample_completions", hand_sampler)
+
+    def reward(completion, answer):  # 1 for the answer, 0.5 for a near miss that contains it
+        return 1.0 if completion == answer else 0.5 if answer in completion else 0.0
+
+    out = sampled_pass_at_k(model, tokenizer, examples, reward, n=5, ks=(1, 2, 3, 5), temperature=1.5,
                             max_new_tokens=3, prompts_per_batch=2)
-    assert len(out["correct"]) == 5 and all(0 <= c <= 6 for c in out["correct"])
-    for k in (1, 3):
-        assert out["pass_at_k"][k] == pytest.approx(sum(pass_at_k(6, c, k) for c in out["correct"]) / 5)
-    assert out["pass_at_k"][3] >= out["pass_at_k"][1]
+    assert [c[0] for c in calls] == [["0+1=", "1+1="], ["2+1=", "3+1="], ["4+1="]]  # two prompts per batch
+    assert all(c[1:] == (5, 1.5, 3) for c in calls)  # n samples per prompt at τ, up to the token limit
+    assert out["correct"] == [0, 1, 2, 5, 4] and out["n"] == 5
+    assert out["pass_at_k"] == pytest.approx(HAND_PASS_AT_K, abs=1e-12)
     with pytest.raises(ValueError, match="k"):
-        sampled_pass_at_k(model, tokenizer, examples, has_a_one, n=2, ks=(3,), max_new_tokens=3)
+        sampled_pass_at_k(model, tokenizer, examples, reward, n=2, ks=(3,), max_new_tokens=3)

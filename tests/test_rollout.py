@@ -190,7 +190,10 @@ def test_greedy_completions_match_greedy_decoding_by_hand():
 def test_shared_prefill_samples_the_same_distribution():
     """Prefilling each prompt once and copying its cache to the G samples changes the random
     draws, not the law: first-token frequencies still match softmax(logits / τ), and the
-    second token's frequencies match those of plain sampling (the copies carry the context)."""
+    second token's frequencies match those of plain sampling (the copies carry the context).
+    On this near-uniform model a cache from the wrong prompt passes too: the exact tests below
+    (``test_greedy_with_a_shared_prefix_is_argmax_decoding_by_hand`` and
+    ``test_shared_prefill_sampling_logprobs_are_what_completion_logprobs_scores``) pin that."""
     model, tokenizer = small_world()
     tau, n = 1.3, 4000
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2=", "45+67="])  # left-padded
@@ -251,8 +254,94 @@ def test_a_shared_prefix_gives_the_same_logprobs_entropies_and_gradients():
     # the no-grad scoring passes, in whole groups (4 rows per pass round down to 3)
     torch.testing.assert_close(score(model, prompt_ids, prompt_mask, ids, mask, 1.3, 4, G)[on], lp1[on],
                                rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="divide the 9 rows"):
         completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, 1.0, 2)  # 2 does not divide 9 rows
+
+
+# Left-padded to different lengths, all ending in "=": the last prompt token, the one that runs
+# after the shared prefix, is the same for every prompt, so whatever tells their continuations
+# apart has to come through each prompt's prefix cache.
+SHARED_PROMPTS = ["1+2=", "45+67=", "9+90=", "3="]
+
+
+def prompt_dependent_world():
+    """The small world in a rank-4 LoRA adapter whose A and B are drawn under a seed (std 0.5):
+    unlike the near-uniform bare model (whose arg-max continues every prompt with "="), its
+    arg-max continuations differ from prompt to prompt."""
+    model, tokenizer = small_world()
+    model = prepare_for_training(model, lora_rank=4)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return model, tokenizer
+
+
+def test_greedy_with_a_shared_prefix_is_argmax_decoding_by_hand():
+    """``sample_completions(greedy=True, shared_prefill=True)`` with G = 3 goes through the shared
+    prefix (G > 1: each prompt but its last token run once, ``prefix_cache`` copied to its 3 rows,
+    the copies continued by ``generate`` with ``do_sample=False``; the adapter merged).  Every row
+    equals arg-max decoding of its prompt alone, a full forward pass of the unmerged adapter per
+    token, no cache.  The prompts' first tokens differ though their last prompt token is the same
+    "=", so a cache from another prompt (or from the wrong positions) cannot pass; each step's
+    top-2 logit gap is > 1e-4, so no near-tie decides the comparison."""
+    model, tokenizer = prompt_dependent_world()
+    eos, pad, G = tokenizer.eos_token_id, tokenizer.pad_token_id, 3
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, SHARED_PROMPTS)
+    assert len(set(prompt_mask.sum(-1).tolist())) == len(SHARED_PROMPTS)  # all lengths differ: padded
+    ids, mask, truncated = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=G,
+                                              temperature=1.0, max_new_tokens=6, greedy=True, shared_prefill=True)
+    T = ids.shape[1]
+    by_hand = []
+    for prompt in SHARED_PROMPTS:
+        alone = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = argmax_by_hand(model, alone, T, eos=eos)
+        full = out + [eos] if len(out) < T else out  # the tokens generate must produce, then padding
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([alone, torch.tensor([out])], 1)).logits[0, alone.shape[1] - 1 :]
+        assert (logits[: len(full)].topk(2).values.diff(dim=-1).abs() > 1e-4).all()  # no near-ties
+        by_hand.append(full + [pad] * (T - len(full)))
+    assert len({row[0] for row in by_hand}) > 1  # the prompts continue differently from the same "="
+    for row in range(len(SHARED_PROMPTS) * G):
+        assert ids[row].tolist() == by_hand[row // G], f"row {row} ({SHARED_PROMPTS[row // G]!r})"
+    assert truncated.tolist() == [eos not in by_hand[row // G] for row in range(len(ids))]
+
+
+def test_shared_prefill_sampling_logprobs_are_what_completion_logprobs_scores(monkeypatch):
+    """While ``sample_completions(shared_prefill=True)`` samples (G = 4, τ = 0.7), its ``generate``
+    call is spied on to return the logits of every step too (``output_logits``); log softmax
+    (logits / τ) at the sampled tokens — the law each token was drawn from, with the adapter
+    merged and the shared prefix cache — equals ``completion_logprobs`` with the shared prefix
+    (``group_size`` G) and with every row run whole (1, no cache at all) at every masked position.
+    Against the uncached pass, a prefix cache from the wrong prompt or positions cannot pass."""
+    model, tokenizer = prompt_dependent_world()
+    G, tau = 4, 0.7
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, SHARED_PROMPTS)
+    generate, seen = model.generate, {}
+
+    def spy(**kwargs):
+        out = generate(**kwargs, output_logits=True, return_dict_in_generate=True)
+        seen.update(kwargs=kwargs, logits=out.logits)
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", spy)
+    torch.manual_seed(0)
+    ids, mask, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=G,
+                                      temperature=tau, max_new_tokens=6, shared_prefill=True)
+    monkeypatch.undo()
+    N = len(SHARED_PROMPTS) * G
+    assert "cache" in seen["kwargs"] and seen["kwargs"]["input_ids"].shape[0] == N  # the shared path ran
+    sampled = torch.stack(seen["logits"], 1) / tau  # (N, T, V)
+    assert sampled.shape[:2] == ids.shape
+    sampled = token_logprobs(sampled, ids)  # (N, T)
+    on = mask.bool()
+    assert len({tuple(r) for r in ids.tolist()}) > len(SHARED_PROMPTS)  # draws differ within groups
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+    with torch.no_grad():
+        for rows_per_prompt in (G, 1):
+            logprobs, _ = completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, tau, rows_per_prompt)
+            torch.testing.assert_close(sampled[on], logprobs[on], rtol=0, atol=1e-5)
 
 
 def test_a_shared_prefix_needs_the_kv_cache():
