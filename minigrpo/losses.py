@@ -23,6 +23,10 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 RATIO_LEVELS = ("token", "sequence")
 SURROGATES = ("clip", "cispo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+CISPO_EPS_HIGH = 4.0
+"""CISPO's default ε_high: the weight is capped at 1 + 4 = 5, ScaleRL's ε_max = 5 (Khatri et al.,
+2025, arXiv:2510.13786), the value TRL 1.16's ``GRPOConfig`` recommends for ``loss_type="cispo"``
+(whose ``epsilon_high`` is the cap itself)."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -96,8 +100,38 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     return torch.expm1(d) - d  # exp(d) − 1 − d, accurate for small d
 
 
+def aggregation_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None) -> int:
+    """The denominator D that ``aggregate`` divides by, for the completions of ``mask`` [N, T]:
+
+        "grpo":    N              (sequences; each brings its own per-token mean)
+        "dapo":    Σ_i Σ_t m      (completion tokens)
+        "dr_grpo": N · max_len    (max_len defaults to T)
+
+    D adds up over pieces of a batch, so the denominator of a whole optimiser batch split into
+    micro-batches and ranks is the sum of the pieces' D (the trainer sums it over all of them,
+    then passes it to every piece as ``normalizer``: the same gradient however the batch is split).
+    """
+    m = check_mask(mask, mask.shape)
+    _check_choice(loss_type, LOSS_TYPES, "loss_type")
+    n, t = m.shape
+    if loss_type == "grpo":
+        return n
+    if loss_type == "dapo":
+        return int(m.sum())
+    return n * _max_len(max_len, t)
+
+
+def _max_len(max_len: int | None, t: int) -> int:
+    if max_len is None:
+        return t
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < max(t, 1):
+        raise ValueError(f"max_len must be an int >= T = {t} (the padded length), got {max_len!r}")
+    return int(max_len)
+
+
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None,
+    *, normalizer: float | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token term x_{i,t} [N, T] to a scalar, counting only tokens with m_{i,t} = 1.
 
@@ -111,22 +145,26 @@ def aggregate(
     which changes from batch to batch (then "dr_grpo" divides by a batch-dependent N·T, and is
     a constant normaliser only across batches padded to the same T).  The trainer passes
     ``max_new_tokens``.  An all-padding row counts as a zero term.
+
+    ``normalizer``: when these N rows are one piece (a micro-batch, one rank's share) of a larger
+    batch, the denominator of the whole batch (``aggregation_normalizer`` summed over its
+    pieces), replacing N, Σ m or N·max_len above; the pieces' results then add up to the whole
+    batch's.  A positive number; None: this batch's own.
     """
     _check_2d(per_token, "per_token")
     m = check_mask(mask, per_token.shape)
     _check_choice(loss_type, LOSS_TYPES, "loss_type")
     n, t = per_token.shape
-    if max_len is None:
-        max_len = t
-    elif isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < max(t, 1):
-        raise ValueError(f"max_len must be an int >= T = {t} (the padded length), got {max_len!r}")
+    max_len = _max_len(max_len, t)
+    if normalizer is None:
+        normalizer = max(aggregation_normalizer(m, loss_type, max_len), 1)
+    elif isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real) or not 0 < normalizer < math.inf:
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
     x = torch.where(m, per_token, 0.0)  # (N, T); never x·m, inf·0 = nan
     if loss_type == "grpo":
         lengths = m.sum(dim=1).clamp(min=1)  # (N,)
-        return (x.sum(dim=1) / lengths).mean()
-    if loss_type == "dapo":
-        return x.sum() / m.sum().clamp(min=1)
-    return x.sum() / (n * max_len)
+        return (x.sum(dim=1) / lengths).sum() / normalizer
+    return x.sum() / normalizer
 
 
 def importance_ratio(
@@ -205,23 +243,40 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return (torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)).item()
 
 
+LENGTH_METRICS = ("completion_tokens_mean", "completion_tokens_pos_adv", "completion_tokens_neg_adv")
+
+
+def length_metrics(mask: torch.Tensor, advantages: torch.Tensor) -> dict[str, float | None]:
+    """The mean completion length |o_i| = Σ_t m_{i,t} over the N completions, and the same over
+    those with Â > 0 and with Â < 0 (None if there are none): the lengths Dr. GRPO's
+    length-bias argument is about."""
+    lengths = mask.sum(1).double()  # (N,) |o_i|
+    adv = advantages.detach()
+    return {
+        "completion_tokens_mean": lengths.mean().item(),
+        "completion_tokens_pos_adv": lengths[adv > 0].mean().item() if (adv > 0).any() else None,
+        "completion_tokens_neg_adv": lengths[adv < 0].mean().item() if (adv < 0).any() else None,
+    }
+
+
 def loss_metrics(
-    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float,
+    surrogate: str = "clip",
 ) -> dict[str, float]:
     """Token statistics a practitioner watches, as in TRL (means over completion tokens).
 
     clip_frac_low:  fraction with ρ < 1 − ε_low and Â < 0 (clipped from below)
-    clip_frac_high: fraction with ρ > 1 + ε_high and Â > 0 (clipped from above)
+    clip_frac_high: fraction with ρ > 1 + ε_high and Â > 0 (clipped from above); under CISPO,
+                    whose cap acts on the weight whatever Â's sign, every token with ρ > 1 + ε_high
+                    (and nothing is clipped below)
     clip_frac:      either; ratio_mean / ratio_min / ratio_max over the same tokens (1.0 if none);
-    advantages_abs_mean and zero_advantage_frac over the N completions; completion_tokens_mean
-    the mean completion length, and completion_tokens_pos_adv / _neg_adv the same over the
-    completions with Â > 0 and Â < 0 (None if there are none), the lengths Dr. GRPO's
-    length-bias argument is about.
+    advantages_abs_mean and zero_advantage_frac over the N completions; and ``length_metrics``.
     """
     ratio, adv = ratio.detach(), advantages.detach()[:, None]  # (N, T), (N, 1)
-    lengths = mask.sum(1).to(ratio.dtype)  # (N,) |o_i|
-    low = (ratio < 1 - eps_low) & (adv < 0)
-    high = (ratio > 1 + eps_high) & (adv > 0)
+    if surrogate == "cispo":
+        low, high = torch.zeros_like(mask), ratio > 1 + eps_high
+    else:
+        low, high = (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
     valid = ratio[mask]
     return {
         "clip_frac_low": _masked_mean(low.to(ratio.dtype), mask),
@@ -232,9 +287,7 @@ def loss_metrics(
         "ratio_max": valid.max().item() if valid.numel() else 1.0,
         "advantages_abs_mean": adv.abs().mean().item(),
         "zero_advantage_frac": (adv == 0).to(ratio.dtype).mean().item(),
-        "completion_tokens_mean": lengths.mean().item(),
-        "completion_tokens_pos_adv": lengths[adv[:, 0] > 0].mean().item() if (adv > 0).any() else None,
-        "completion_tokens_neg_adv": lengths[adv[:, 0] < 0].mean().item() if (adv < 0).any() else None,
+        **length_metrics(mask, advantages),
     }
 
 
@@ -287,6 +340,7 @@ def grpo_loss(
     max_len: int | None = None,
     surrogate: str = "clip",
     kl_bias_correction: bool = False,
+    normalizer: float | None = None,
 ) -> LossOutput:
     """The GRPO objective on one batch of completions.
 
@@ -304,7 +358,8 @@ def grpo_loss(
         beta: β ≥ 0, KL weight (DeepSeekMath 0.04; 0 in DAPO/Dr. GRPO).
         alpha: α ≥ 0, entropy bonus weight (typically 0 to 1e-3).
         eps_low: ε_low in [0, 1), lower clip range (PPO/GRPO 0.2).
-        eps_high: ε_high ≥ 0, upper clip range (DAPO "clip-higher" 0.28); None means eps_low.
+        eps_high: ε_high ≥ 0, upper clip range (DAPO "clip-higher" 0.28); None means eps_low,
+            or under CISPO ``CISPO_EPS_HIGH`` = 4 (a cap of 5 on the weight, ScaleRL's ε_max).
         loss_type: "grpo", "dapo" or "dr_grpo" (see ``aggregate``).
         ratio_level: "token" (GRPO) or "sequence" (GSPO) (see ``importance_ratio``).
         kl_estimator: "k1", "k2" or "k3" (see ``kl_penalty``).
@@ -315,7 +370,14 @@ def grpo_loss(
         kl_bias_correction: multiply each token's KL estimate by its ratio ρ_{i,t} (with its
             gradient), kl_{i,t} = ρ_{i,t} · k(…): the importance-weighted KL of DeepSeek-V3.2 and
             TRL's ``use_bias_correction_kl``, whose expectation over samples of π_θold is the
-            KL of π_θ, and whose gradient is the reverse KL's (chapter 4).
+            KL of π_θ.  With token ratios, per token its gradient is that of KL(π_θ‖π_ref) at
+            that position (chapter 4); with ``ratio_level="sequence"`` the weight is the
+            sequence's length-normalised ρ_i, not the token's, so that does not hold (TRL
+            documents the same caveat).
+        normalizer: when these N rows are a piece (micro-batch, rank) of a larger optimiser
+            batch, the whole batch's denominator, ``aggregation_normalizer`` summed over its
+            pieces; every term is then divided by it (see ``aggregate``), so the pieces' losses
+            add up to the whole batch's loss, and their gradients to its gradient.
     Returns:
         ``LossOutput``; the KL (entropy) term is reported whenever ref_logprobs (entropy) is
         given and enters the loss only when beta (alpha) > 0.
@@ -324,7 +386,8 @@ def grpo_loss(
                        eps_low, eps_high, loss_type, ratio_level, kl_estimator, surrogate,
                        kl_bias_correction)  # fmt: skip
     m = check_mask(mask, logprobs.shape)  # (N, T) bool
-    eps_high = eps_low if eps_high is None else eps_high
+    if eps_high is None:
+        eps_high = CISPO_EPS_HIGH if surrogate == "cispo" else eps_low
 
     def clean(x):  # padded positions → 0 before anything else
         return None if x is None else torch.where(m, _upcast(x), 0.0)
@@ -333,15 +396,15 @@ def grpo_loss(
     advantages = _upcast(advantages).detach().to(logprobs.dtype)
 
     def agg(x):
-        return aggregate(x, m, loss_type, max_len)
+        return aggregate(x, m, loss_type, max_len, normalizer=normalizer)
 
     ratio = importance_ratio(logprobs, old_logprobs, m, ratio_level)  # (N, T)
     if surrogate == "clip":
         policy_loss = agg(clipped_surrogate(ratio, advantages, eps_low, eps_high))
         metrics = loss_metrics(ratio, advantages, m, eps_low, eps_high)
-    else:  # no lower clip: nothing counts as clipped below
+    else:  # no lower clip
         policy_loss = agg(cispo_surrogate(ratio, logprobs, advantages, eps_high))
-        metrics = loss_metrics(ratio, advantages, m, 1.0, eps_high)
+        metrics = loss_metrics(ratio, advantages, m, eps_low, eps_high, surrogate)
     loss = policy_loss
     kl = None
     if ref_logprobs is not None:

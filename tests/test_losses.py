@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from minigrpo.logprobs import token_logprobs_and_entropy
 from minigrpo.losses import (
+    CISPO_EPS_HIGH,
     LossOutput,
     aggregate,
+    aggregation_normalizer,
     clipped_surrogate,
     grpo_loss,
     importance_ratio,
@@ -141,13 +143,15 @@ def test_cispo_and_corrected_kl_match_transcription(loss_type, surrogate, ratio_
 
 
 def test_cispo_keeps_the_gradient_of_tokens_ppo_clips():
-    """ρ = 1.5 > 1 + ε with Â > 0: PPO's clip gives that token no gradient, CISPO gives it
-    −min(ρ, 1 + ε_high)·Â (the capped weight), and at ρ ≡ 1 the two gradients agree."""
+    """ρ = 1.5 > 1 + ε with Â > 0: PPO's clip gives that token no gradient, CISPO (cap
+    1 + ε_high = 1.2 here) gives it −min(ρ, 1 + ε_high)·Â (the capped weight), and at ρ ≡ 1 the
+    two gradients agree."""
     old = torch.zeros(1, 2, dtype=F64)
     lp = torch.tensor([[math.log(1.5), 0.0]], dtype=F64, requires_grad=True)
     adv, mask = torch.tensor([2.0], dtype=F64), torch.ones(1, 2, dtype=torch.bool)
     clip_grad, = torch.autograd.grad(grpo_loss(lp, old, adv, mask, loss_type="dapo").loss, lp)
-    cispo_grad, = torch.autograd.grad(grpo_loss(lp, old, adv, mask, loss_type="dapo", surrogate="cispo").loss, lp)
+    cispo_grad, = torch.autograd.grad(
+        grpo_loss(lp, old, adv, mask, loss_type="dapo", surrogate="cispo", eps_high=0.2).loss, lp)
     assert clip_grad[0, 0].item() == 0 and cispo_grad[0, 0].item() == pytest.approx(-1.2 * 2.0 / 2)
     assert clip_grad[0, 1].item() == pytest.approx(-2.0 / 2)  # ρ = 1: the same gradient
     assert cispo_grad[0, 1].item() == pytest.approx(-2.0 / 2)
@@ -540,3 +544,67 @@ def test_metrics_split_completion_lengths_by_the_advantage_sign():
     assert out.metrics["completion_tokens_mean"] == 11 / 4
     out = grpo_loss(lp, lp, torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=F64), mask)
     assert out.metrics["completion_tokens_neg_adv"] is None
+
+
+def test_cispo_caps_the_weight_at_five_by_default_and_counts_every_capped_token():
+    """Without eps_high CISPO's cap is 1 + 4 = 5 (ScaleRL's ε_max, TRL's recommendation), not
+    1 + ε_low; ``clip_frac_high`` counts the tokens whose weight the cap changed, whatever Â's
+    sign (the cap acts on both)."""
+    assert CISPO_EPS_HIGH == 4.0
+    old = torch.zeros(2, 3, dtype=F64)
+    lp = torch.log(torch.tensor([[7.0, 1.5, 1.0], [7.0, 1.0, 1.0]], dtype=F64)).requires_grad_()
+    adv, mask = torch.tensor([1.0, -1.0], dtype=F64), torch.ones(2, 3, dtype=torch.bool)
+    out = grpo_loss(lp, old, adv, mask, loss_type="dapo", surrogate="cispo")
+    grad, = torch.autograd.grad(out.loss, lp)
+    # d/d logp of −w·Â·logp / 6 with w = min(ρ, 5): the ρ = 7 tokens get weight 5, ρ = 1.5 keeps 1.5
+    torch.testing.assert_close(grad, -torch.tensor([[5.0, 1.5, 1.0], [-5.0, -1.0, -1.0]], dtype=F64) / 6)
+    assert out.metrics["clip_frac_high"] == 2 / 6 and out.metrics["clip_frac_low"] == 0.0
+    assert out.metrics["clip_frac"] == 2 / 6
+
+
+def _pieces_of(n, sizes):
+    """Consecutive row slices of the given sizes covering n rows."""
+    bounds = list(itertools.accumulate([0, *sizes]))
+    assert bounds[-1] == n
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("variant", [dict(), dict(ratio_level="sequence"), dict(surrogate="cispo"),
+                                     dict(kl_bias_correction=True, kl_estimator="k2")], ids=str)
+def test_pieces_with_the_whole_normalizer_add_up_to_the_whole_loss(loss_type, variant):
+    """Split into pieces (micro-batches, ranks), each ``grpo_loss`` divided by the whole batch's
+    ``aggregation_normalizer`` (the sum of the pieces'): the losses and the gradients add up to
+    the whole batch's, for every term (policy, KL and entropy), while each piece's own
+    normaliser does not give the same (the bug this guards against)."""
+    g = torch.Generator().manual_seed(7)
+    n, t = 6, 5
+    old = -torch.rand(n, t, generator=g, dtype=F64)
+    lp0 = old + 0.3 * torch.randn(n, t, generator=g, dtype=F64)
+    ref = old + 0.2 * torch.randn(n, t, generator=g, dtype=F64)
+    ent0 = torch.rand(n, t, generator=g, dtype=F64)
+    adv = torch.randn(n, generator=g, dtype=F64)
+    mask = torch.arange(t) < torch.tensor([5, 1, 3, 4, 2, 5])[:, None]
+    kw = dict(beta=0.1, alpha=0.01, loss_type=loss_type, max_len=8, **variant)
+
+    def run(pieces, normalizer):
+        lp, ent = lp0.clone().requires_grad_(), ent0.clone().requires_grad_()
+        total = sum(grpo_loss(lp[r], old[r], adv[r], mask[r], ref_logprobs=ref[r], entropy=ent[r],
+                              normalizer=normalizer(r), **kw).loss for r in pieces)
+        return (total, *torch.autograd.grad(total, (lp, ent)))
+
+    whole = run([slice(0, n)], lambda r: None)
+    split = _pieces_of(n, [1, 3, 2])
+    assert sum(aggregation_normalizer(mask[r], loss_type, 8) for r in split) == aggregation_normalizer(mask, loss_type, 8)
+    total = aggregation_normalizer(mask, loss_type, 8)
+    for got, want in zip(run(split, lambda r: total), whole):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    own = run(split, lambda r: None)  # each piece its own denominator: a different function
+    assert not torch.allclose(own[1], whole[1])
+
+
+def test_normalizer_must_be_positive():
+    x, m = torch.ones(2, 3), torch.ones(2, 3)
+    for bad in (0, -1.0, math.inf, math.nan, True, "3"):
+        with pytest.raises(ValueError, match="normalizer"):
+            aggregate(x, m, normalizer=bad)
