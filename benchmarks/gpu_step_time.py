@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from minigrpo import models
+from minigrpo.config import GRPOConfig
 from minigrpo.rollout import sample_completions, tokenize_prompts
 from minigrpo.tiny import build_tokenizer
-from minigrpo.trainer import GRPOConfig, GRPOTrainer
+from minigrpo.trainer import GRPOTrainer
 
 REAL = dict(prompts=8, group_size=8, max_new_tokens=256, prompt_chars=150, minibatches=2)
 TINY = dict(prompts=2, group_size=2, max_new_tokens=16, prompt_chars=20, minibatches=1)

@@ -39,9 +39,10 @@ from pathlib import Path
 import torch
 
 from minigrpo.arithmetic import WarmupConfig, warmup_model
+from minigrpo.config import GRPOConfig
 from minigrpo.data import arithmetic_examples
 from minigrpo.rewards import exact_match_reward, number_match_reward
-from minigrpo.trainer import GRPOConfig, GRPOTrainer
+from minigrpo.trainer import GRPOTrainer
 
 SEEDS = (0, 1, 2)
 WARMUP_CACHE = Path("runs/sweep-warmup")

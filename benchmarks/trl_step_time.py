@@ -44,10 +44,13 @@ import trl  # noqa: E402
 
 from minigrpo import gsm8k, models  # noqa: E402
 from minigrpo.arithmetic import TINY_GRPO, TINY_WARMUP, WarmupConfig, warmup_model  # noqa: E402
+from minigrpo.config import GRPOConfig  # noqa: E402
 from minigrpo.data import arithmetic_examples  # noqa: E402
+from minigrpo.distributed import params_sha256  # noqa: E402
 from minigrpo.evaluation import evaluate  # noqa: E402
 from minigrpo.tiny import load_tiny, save_tiny  # noqa: E402
-from minigrpo.trainer import GRPOConfig, GRPOTrainer, params_sha256, trl_grpo_kwargs  # noqa: E402
+from minigrpo.trainer import GRPOTrainer  # noqa: E402
+from minigrpo.trl_bridge import trl_grpo_kwargs  # noqa: E402
 
 THREADS = 2
 QUICK_STEPS = 3

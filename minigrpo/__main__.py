@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from minigrpo import gsm8k
 from minigrpo.arithmetic import TINY_GRPO, TINY_WARMUP, WarmupConfig, run_arithmetic
-from minigrpo.trainer import GRPOConfig, dist_info, init_distributed
+from minigrpo.config import GRPOConfig
+from minigrpo.distributed import dist_info, init_distributed
 
 
 def _accepts(hint, value) -> bool:

@@ -108,3 +108,35 @@ def group_advantages(
     else:
         advantages = centred
     return torch.where(flat_group, 0.0, advantages).view(-1)  # (N,)
+
+
+# --------------------------------------------------------------------------- rewards and groups
+
+
+def combine(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """r_i = Σ_k w_k·r_{k,i}: (K, N) parts and (K,) weights to the (N,) rewards."""
+    return weights @ parts
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, cache: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment for completions of ``lengths`` tokens, (N,); with ℓ a
+    completion's length::
+
+        R_length(ℓ) = 0                                if ℓ ≤ L_max − L_cache
+                      ((L_max − L_cache) − ℓ) / L_cache  if L_max − L_cache < ℓ ≤ L_max
+
+    so a completion that reaches the limit L_max (``max_len``) loses 1.  ``cache`` = L_cache > 0.
+    """
+    return ((max_len - cache) - lengths.float()).clamp(max=0) / cache
+
+
+def live_groups(rewards: torch.Tensor, group_size: int) -> list[int]:
+    """The groups whose rewards are not all equal (the ones with a learning signal)."""
+    groups = rewards.view(-1, group_size)  # (P, G)
+    return (groups.max(dim=1).values != groups.min(dim=1).values).nonzero().flatten().tolist()
+
+
+def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose rewards are all equal (advantage 0: no learning signal)."""
+    groups = rewards.view(-1, group_size)  # (P, G)
+    return (groups.max(dim=1).values == groups.min(dim=1).values).float().mean().item()

@@ -27,7 +27,11 @@ from minigrpo.data import arithmetic_examples, warmup_examples
 from minigrpo.losses import aggregate
 from minigrpo.rollout import completion_logprobs, tokenize_prompts
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer, load_tiny, save_tiny
-from minigrpo.trainer import GRPOConfig, GRPOTrainer, check_number, adamw, dist_info, has_checkpoint, params_sha256
+from minigrpo import checkpoints
+from minigrpo.config import GRPOConfig, check_number
+from minigrpo.distributed import dist_info, gather_objects, params_sha256
+from minigrpo.optim import adamw
+from minigrpo.trainer import GRPOTrainer
 
 
 @dataclass
@@ -153,39 +157,23 @@ def warmup_model(config: WarmupConfig, cache_dir: str | Path | None = None, prog
 # ---------------------------------------------------------------- the run
 
 
-def sha256_per_rank(model) -> list[str]:
-    """Every rank's parameter hash, gathered (one entry without torch.distributed)."""
-    digest = params_sha256(model)
-    _, world_size = dist_info()
-    if world_size == 1:
-        return [digest]
-    digests = [None] * world_size
-    dist.all_gather_object(digests, digest)
-    return digests
-
-
 def run_arithmetic(warmup: WarmupConfig, config: GRPOConfig, *, checkpoint_dir=None, resume: bool = False,
                    stop_after: int | None = None, warmup_cache=None, progress: bool = True) -> dict:
     """Warm-up, then GRPO; returns the result (JSON-ready): held-out greedy accuracy before and
     after (acc_before, acc_after), the phases' wall times (sft_seconds, grpo_seconds,
     total_seconds), steps, the SHA-256 of the final parameters (params_sha256), both configs,
     the per-step metrics and the evaluations.  ``stop_after`` stops early (checkpointing to
-    ``checkpoint_dir``); ``resume`` continues from the checkpoint there."""
+    ``checkpoint_dir``); ``resume`` continues from the checkpoint there (``checkpoints.to_resume``:
+    an existing folder without one starts at step 0; a missing folder is a ``ValueError``)."""
     start = time.perf_counter()
     rank, world_size = dist_info()
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    resuming = resume and has_checkpoint(checkpoint_dir)
+    resuming = resume and checkpoints.to_resume(checkpoint_dir) is not None
     if resuming:  # the warm-up's outcome lives in the checkpoint
         tokenizer = build_tokenizer()
         model = build_model(tokenizer, warmup.model)  # the weights come from the checkpoint
-        warmup_info = json.loads((checkpoint_dir / "warmup_info.json").read_text())
     else:
         model, tokenizer, warmup_info = warmup_model(warmup, warmup_cache, progress=progress and rank == 0)
-        if checkpoint_dir and rank == 0:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            (checkpoint_dir / "warmup_info.json").write_text(json.dumps(
-                {k: warmup_info[k] for k in ("sft_seconds", "sft_cpu_seconds", "cached")}
-            ))
     grpo_start, grpo_cpu_start = time.perf_counter(), time.process_time()
     trainer = GRPOTrainer(
         model, tokenizer,
@@ -195,6 +183,9 @@ def run_arithmetic(warmup: WarmupConfig, config: GRPOConfig, *, checkpoint_dir=N
     )
     if resuming:
         trainer.load_checkpoint(checkpoint_dir)
+        warmup_info = trainer.run_info["warmup"]
+    else:
+        trainer.run_info["warmup"] = {k: warmup_info[k] for k in ("sft_seconds", "sft_cpu_seconds", "cached")}
     resumed_from = trainer.step
     trainer.train(until=stop_after, checkpoint_dir=checkpoint_dir, progress=progress)
     grpo_seconds, grpo_cpu_seconds = time.perf_counter() - grpo_start, time.process_time() - grpo_cpu_start
@@ -213,7 +204,7 @@ def run_arithmetic(warmup: WarmupConfig, config: GRPOConfig, *, checkpoint_dir=N
         "steps": trainer.step,
         "resumed_from_step": resumed_from,
         "params_sha256": params_sha256(trainer.model),
-        "params_sha256_per_rank": sha256_per_rank(trainer.model),  # identical under DDP
+        "params_sha256_per_rank": gather_objects(params_sha256(trainer.model)),  # identical under DDP
         "shuffle_rewards": config.shuffle_rewards,
         "world_size": world_size,
         "torch_threads": torch.get_num_threads(),

@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from minigrpo import models
+from minigrpo.config import GRPOConfig
 from minigrpo.data import gsm8k_examples, load_gsm8k, word_problem_prompt, word_problems
 from minigrpo.evaluation import mcnemar_p_value
 from minigrpo.rewards import correctness_reward, format_reward
-from minigrpo.trainer import GRPOConfig, GRPOTrainer
+from minigrpo.trainer import GRPOTrainer
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "gsm8k_mini"
 """The package's GSM8K-format fixture: ``train.jsonl`` (8 problems) and ``test.jsonl`` (6)."""

@@ -32,6 +32,8 @@ METRICS = {
     "completion_tokens_pos_adv": "length of completions with Â > 0 (tokens)",
     "completion_tokens_neg_adv": "length of completions with Â < 0 (tokens)",
     "grad_norm": "gradient norm before clipping",
+    "skipped_updates": "optimiser steps skipped (empty mini-batch or non-finite gradient)",
+    "masked_frac": "fraction of completions with no token in the loss",
     "lr": "learning rate",
     "step_seconds": "seconds per step",
     "peak_memory_gib": "peak GPU memory (GiB)",
@@ -39,7 +41,8 @@ METRICS = {
 }
 """Every number the trainer logs, by name, with its axis label.  Each is computed in exactly one
 place: ``sample_batch`` (rewards, sampled groups, truncation), ``train_step`` (time), ``grpo_loss``'s metrics (clip fractions, ratios,
-token means), ``policy_updates`` (loss terms, gradient norm), ``evaluate`` (accuracy).  Besides
+token means), ``GRPOTrainer.update`` (loss terms, gradient norm, masked share), ``policy_updates`` (skipped
+updates), ``evaluate`` (accuracy).  Besides
 these, ``reward_<name>`` is the batch mean of the reward function ``<name>``."""
 
 
@@ -72,8 +75,8 @@ def reduce_updates(records: list[dict[str, float | None]]) -> dict[str, float | 
     """One value per metric from the step's μ × mini-batch updates, over the updates that have
     one (None where none has: no reference model, no completion with Â > 0 in a mini-batch)."""
     out = {}
-    for key in records[0]:
-        values = [r[key] for r in records if r[key] is not None]
+    for key in dict.fromkeys(k for r in records for k in r):  # every key any update has, in order
+        values = [r[key] for r in records if r.get(key) is not None]
         reduce = REDUCE_OVER_UPDATES.get(key, lambda v: sum(v) / len(v))
         out[key] = reduce(values) if values else None
     return out

@@ -102,7 +102,7 @@ def prefix_cache(model, prompt_ids, prompt_mask, group_size: int):
     prefix = model(input_ids=prompt_ids[:, :-1], attention_mask=prefix_mask,
                    position_ids=position_ids_from_mask(prefix_mask), use_cache=True, logits_to_keep=1)
     if prefix.cache is None:  # a model in training mode with gradient checkpointing keeps no cache
-        raise ValueError("a shared prefix needs the KV cache: turn gradient checkpointing off or use group_size=1")
+        raise ValueError("a shared prefix needs the KV cache: turn gradient checkpointing off or run each row whole")
     prefix.cache.batch_repeat_interleave(group_size)  # (P·G, …)
     return prefix.cache
 
@@ -182,8 +182,25 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids: int | list[int]
     return (eos_before == 0).long()  # (N, T)
 
 
+def shared_prefix_rows(model, group_size: int, shared_prefill: bool) -> int:
+    """How many consecutive rows share one prompt pass in ``model``'s forward passes right now:
+    G = ``group_size`` when ``shared_prefill`` is on and the model keeps a KV cache in its current
+    mode, else 1 (every row runs whole).  A model in training mode with gradient checkpointing
+    keeps no cache; in eval mode (sampling, scoring) it does.  The one place this is decided."""
+    checkpointing = getattr(unwrap(model), "is_activation_checkpointing", False)
+    return group_size if shared_prefill and not (unwrap(model).training and checkpointing) else 1
+
+
+def row_chunks(n: int, rows_per_pass: int | None, rows_per_prompt: int = 1) -> list[slice]:
+    """``n`` rows cut into consecutive forward passes of at most ``rows_per_pass`` rows (None:
+    one pass), each made of whole prompts' ``rows_per_prompt`` rows: ``rows_per_pass`` rounded
+    down to a multiple of it, and at least one prompt's rows per pass."""
+    step = max(rows_per_prompt, (rows_per_pass or n) // rows_per_prompt * rows_per_prompt)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                        group_size=1):
+                        rows_per_prompt=1):
     """Per-token log π(o_t | q, o_<t) and entropy at the completion positions, both (N, T),
     for the distribution the completions are sampled from: π = softmax(logits / τ).
 
@@ -192,24 +209,25 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     place.  All T + 1 are scored, the last (which predicts nothing) then dropped from the
     results: slicing the logits instead would make ``token_logprobs_and_entropy`` copy them.
 
-    ``group_size`` G > 1 says the rows are whole groups (rows i·G … i·G + G − 1 share prompt
-    i): each prompt but its last token then runs once (``prefix_cache``) and only [last prompt
-    token, completion] runs per row, with gradients through both.  The same function up to
+    ``rows_per_prompt`` G > 1 says the rows are whole groups (rows i·G … i·G + G − 1 share prompt
+    i; ``shared_prefix_rows`` decides): each prompt but its last token then runs once
+    (``prefix_cache``) and only [last prompt token, completion] runs per row, with gradients
+    through both.  The same function up to
     float rounding, for a fraction of the compute when prompts are long: (N/G)·(L − 1) + N·(T + 1)
     positions instead of N·(L + T).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n, L = prompt_ids.shape
-    if group_size < 1 or n % group_size:
-        raise ValueError(f"group_size must be ≥ 1 and divide the {n} rows, got {group_size}")
+    if rows_per_prompt < 1 or n % rows_per_prompt:
+        raise ValueError(f"rows_per_prompt must be ≥ 1 and divide the {n} rows, got {rows_per_prompt}")
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, L + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, L + T)
     position_ids = position_ids_from_mask(attention_mask)  # (N, L + T)
     start, cache = 0, {}
-    if group_size > 1 and L > 1:  # unwrap: one DDP forward per backward, the prefix inside its graph
-        first = slice(None, None, group_size)  # each group's first row
-        cache = {"cache": prefix_cache(unwrap(model), prompt_ids[first], prompt_mask[first], group_size)}
+    if rows_per_prompt > 1 and L > 1:
+        first = slice(None, None, rows_per_prompt)  # each group's first row
+        cache = {"cache": prefix_cache(model, prompt_ids[first], prompt_mask[first], rows_per_prompt)}
         start = L - 1
     logits = model(
         input_ids=input_ids[:, start:],
@@ -228,17 +246,15 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 @torch.no_grad()
 def score(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, rows_per_pass=None,
-          group_size=1):
+          rows_per_prompt=1):
     """log π(o_t | q, o_<t), (N, T), without gradients, ``rows_per_pass`` sequences per forward
     pass (None: all at once), so the scoring passes never hold logits for all N rows.
-    ``group_size`` > 1: rows are whole groups and each prompt runs once (``completion_logprobs``);
-    a pass then holds whole groups, ``rows_per_pass`` rounded down to a multiple of G (at least G)."""
-    n = completion_ids.shape[0]
-    step = max(group_size, (rows_per_pass or n) // group_size * group_size)
+    ``rows_per_prompt`` > 1: rows are whole groups and each prompt runs once
+    (``completion_logprobs``); a pass then holds whole groups (``row_chunks``)."""
     parts = [
-        completion_logprobs(model, prompt_ids[i : i + step], prompt_mask[i : i + step],
-                            completion_ids[i : i + step], completion_mask[i : i + step], temperature, group_size)[0]
-        for i in range(0, n, step)
+        completion_logprobs(model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows],
+                            temperature, rows_per_prompt)[0]
+        for rows in row_chunks(completion_ids.shape[0], rows_per_pass, rows_per_prompt)
     ]  # fmt: skip
     return torch.cat(parts)  # (N, T)
 
@@ -324,16 +340,18 @@ def rollout(
     )  # (N, T), (N, T), (N,)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # (N, L)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, L)
-    batch = (prompt_ids, prompt_mask, completion_ids, mask, temperature, rows_per_pass,
-             group_size if shared_prefill else 1)
+    def score_with(scorer):
+        return score(scorer, prompt_ids, prompt_mask, completion_ids, mask, temperature, rows_per_pass,
+                     shared_prefix_rows(scorer, group_size, shared_prefill))
+
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         completion_ids=completion_ids,
         completion_mask=mask,
         truncated=truncated,
-        old_logprobs=score(unwrap(model), *batch) if score_old else None,
-        ref_logprobs=None if ref_model is None else score(ref_model, *batch),
+        old_logprobs=score_with(unwrap(model)) if score_old else None,
+        ref_logprobs=None if ref_model is None else score_with(ref_model),
         completions=decode_completions(tokenizer, completion_ids, mask),
         answers=[ex["answer"] for ex in examples for _ in range(group_size)],
     )

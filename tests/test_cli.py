@@ -96,3 +96,10 @@ def test_headline_gives_the_numerics_pins_to_the_arithmetic_runs_only():
             "print(sorted(k for k in g['PINNED_CPU_NUMERICS'] if k in os.environ))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_resume_from_a_missing_folder_is_an_error_not_a_fresh_start(tmp_path):
+    with pytest.raises(ValueError, match="no folder"):
+        run(tmp_path, "typo", "--steps", "2", "--checkpoint-dir", str(tmp_path / "chekpoints"), "--resume")
+    (tmp_path / "new").mkdir()  # an existing, empty folder: the run starts there
+    assert run(tmp_path, "fresh", "--steps", "2", "--checkpoint-dir", str(tmp_path / "new"), "--resume")["steps"] == 2

@@ -1,5 +1,5 @@
 """``torchrun --nproc-per-node 2 -m minigrpo arithmetic`` on the CPU (gloo) at tiny settings:
-each rank samples its share of the prompts, DDP all-reduces the gradients, and both ranks end
+each rank samples its share of the prompts, the gradients are summed over ranks, and both ranks end
 with the same parameters."""
 
 import json
@@ -15,8 +15,8 @@ import pytest
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 @pytest.mark.parametrize("options", [[], ["--set", "shared_prefill=True"]], ids=["plain", "shared_prefill"])
 def test_two_ranks_end_with_identical_parameters(tmp_path, options):
-    """With ``shared_prefill`` the update's prefix pass runs outside DDP's forward, inside the
-    same graph: its gradient must still be all-reduced, or the ranks' parameters would part."""
+    """With ``shared_prefill`` the update's prefix pass is a second forward inside the same
+    graph: its gradient must be summed over ranks too, or the ranks' parameters would part."""
     out = tmp_path / "ddp.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "minigrpo",
                "arithmetic", "--tiny", "--steps", "3", "--no-progress", "--seed", "1", "--out", str(out), *options]

@@ -15,8 +15,12 @@ from minigrpo.evaluation import EvalResult
 from minigrpo.rewards import exact_match_reward, format_reward
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 from minigrpo.metrics import METRICS, MetricLog, metric_label, reduce_updates
-from minigrpo.trainer import (GRPOConfig, GRPOTrainer, combine, compute_rewards, live_groups, lr_lambda, params_sha256,
-                              soft_overlong_penalty, zero_std_fraction)
+from minigrpo import distributed
+from minigrpo.advantages import combine, live_groups, soft_overlong_penalty, zero_std_fraction
+from minigrpo.config import GRPOConfig
+from minigrpo.distributed import params_sha256
+from minigrpo.optim import lr_lambda
+from minigrpo.trainer import GRPOTrainer, compute_rewards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +43,7 @@ HISTORY_KEYS = {
     "policy_loss", "kl", "kl_token_mean", "entropy", "entropy_token_mean", "clip_frac_low", "clip_frac_high",
     "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "advantages_abs_mean", "zero_advantage_frac",
     "completion_tokens_mean", "completion_tokens_pos_adv", "completion_tokens_neg_adv", "grad_norm", "lr",
-    "groups_sampled",
+    "groups_sampled", "skipped_updates", "masked_frac",
     "step_seconds",
 }
 
@@ -307,8 +311,6 @@ def test_init_distributed_picks_nccl_and_the_local_gpu_on_gpus(monkeypatch, cuda
     """Under torchrun on GPUs each rank takes GPU LOCAL_RANK and NCCL; on CPUs, gloo."""
     import torch.distributed as dist
 
-    from minigrpo import trainer
-
     calls = {}
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
@@ -316,7 +318,7 @@ def test_init_distributed_picks_nccl_and_the_local_gpu_on_gpus(monkeypatch, cuda
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
-    trainer.init_distributed()
+    distributed.init_distributed()
     assert calls == ({"device": 3, "backend": "nccl"} if cuda else {"backend": "gloo"})
 
 
@@ -353,7 +355,8 @@ def test_truncated_completions_can_be_masked_out_of_the_loss():
     trainer = make_trainer(max_new_tokens=1, mask_truncated=True, beta=0.0)
     trainer.train_step()
     h = trainer.history[-1]
-    assert h["truncated_frac"] == 1.0 and h["grad_norm"] == 0.0 and h["completion_tokens_mean"] == 0.0
+    assert h["truncated_frac"] == 1.0 and h["grad_norm"] == 0.0 and h["masked_frac"] == 1.0
+    assert h["completion_tokens_mean"] == 1.0  # lengths count every completion, the masked ones too
 
 
 def test_soft_overlong_penalty():
@@ -394,3 +397,74 @@ def test_each_reward_can_be_normalised_on_its_own():
         want = (group_advantages(parts[0], 4) + 0.5 * group_advantages(parts[1], 4) if each
                 else group_advantages(combine(parts, weights), 4))
         torch.testing.assert_close(got, want)
+
+
+def test_policy_updates_leave_the_model_in_its_mode_after_an_exception(monkeypatch):
+    trainer = make_trainer()
+    trainer.model.eval()
+    with trainer.own_rng():
+        batch, parts, weights, _ = trainer.sample_batch()
+
+    def fail(*args):
+        assert trainer.model.training  # the update runs in training mode
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(trainer, "update", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.policy_updates(batch, trainer.advantages(parts, weights))
+    assert not trainer.model.training  # back in eval mode, where generation keeps its KV cache
+
+
+def test_a_non_finite_gradient_skips_the_step_with_a_warning(caplog):
+    trainer = make_trainer(beta=0.0)
+    first = next(trainer.model.parameters())
+    first.register_hook(lambda grad: grad * math.nan)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with caplog.at_level("WARNING", logger="minigrpo"):
+        h = trainer.train_step()
+    assert h["skipped_updates"] == 1 and h["grad_norm"] is None
+    assert "optimiser step skipped" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # no NaN written in
+
+
+def test_bad_data_and_reserved_reward_names_are_refused():
+    with pytest.raises(ValueError, match="train_examples is empty"):
+        GRPOTrainer(build_model(build_tokenizer(), SMALL), build_tokenizer(), [], [], GRPOConfig(**TINY))
+
+    def overlong_penalty(completion, answer):
+        return 0.0
+
+    with pytest.raises(ValueError, match="overlong_penalty"):  # the name DAPO's penalty is logged under
+        GRPOConfig(reward_funcs=(overlong_penalty,), reward_weights=(1.0,))
+
+
+def test_checkpoints_refuse_another_config_and_survive_a_crash_while_writing(tmp_path, monkeypatch):
+    """A checkpoint written under one config does not load into a run with another; a write
+    that fails half-way leaves the previous checkpoint whole; after a crash between the swap's
+    two renames the checkpoint is found in ``<dir>.old``."""
+    from minigrpo import checkpoints
+
+    folder = tmp_path / "ck"
+    trainer = make_trainer(steps=2, beta=0.04)
+    trainer.train(until=1, checkpoint_dir=folder, progress=False)
+    with pytest.raises(ValueError, match="lr: 0.0001 in the checkpoint, 0.002 now"):
+        make_trainer(steps=2, beta=0.04, lr=2e-3).load_checkpoint(folder)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        make_trainer(steps=2, beta=0.04).load_checkpoint(tmp_path / "elsewhere")
+
+    trainer.train_step()  # step 2, then a write that dies after the model file
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(folder)
+    monkeypatch.setattr(torch, "save", real_save)
+    restored = make_trainer(steps=2, beta=0.04)
+    restored.load_checkpoint(folder)
+    assert restored.step == 1  # the step-1 checkpoint, whole
+
+    trainer.save_checkpoint(folder)
+    folder.rename(tmp_path / "ck.old")  # as if the process died between the two renames
+    assert checkpoints.locate(folder) == tmp_path / "ck.old"
+    again = make_trainer(steps=2, beta=0.04)
+    again.load_checkpoint(folder)
+    assert again.step == 2 and params_sha256(again.model) == params_sha256(trainer.model)

@@ -11,7 +11,7 @@ the current ones so that clipping bites, reference log-probs for the KL term) go
 and both losses, the gradients of every model parameter, and the logged KL and clip fractions
 must agree, for every minigrpo loss type, β = 0 and β > 0, token and sequence (GSPO) ratios,
 and ε_high = ε_low or ε_high > ε_low.  TRL's settings come from minigrpo's own translation,
-``minigrpo.trainer.trl_grpo_kwargs``, so the test checks that too; minigrpo's log-probs come
+``minigrpo.trl_bridge.trl_grpo_kwargs``, so the test checks that too; minigrpo's log-probs come
 from ``minigrpo.rollout.completion_logprobs``, the trainer's own forward pass.  TRL's "dapo",
 which at one micro-batch per generation is the same token mean as its "bnpo", is checked
 against minigrpo's "dapo" as well.  Run: ``pytest tests/test_trl_equivalence.py``.
@@ -58,8 +58,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import minigrpo as mg  # noqa: E402
 from minigrpo.rollout import completion_logprobs  # noqa: E402
-from minigrpo.trainer import GRPOConfig as MinigrpoConfig  # noqa: E402
-from minigrpo.trainer import trl_grpo_kwargs  # noqa: E402
+from minigrpo.config import GRPOConfig as MinigrpoConfig  # noqa: E402
+from minigrpo.trl_bridge import trl_grpo_kwargs  # noqa: E402
 
 SYMBOLS = ["<pad>", "<eos>", "<unk>", *"0123456789+="]
 GROUP_SIZE = 3  # G completions per prompt
@@ -326,7 +326,7 @@ def test_soft_overlong_penalty_is_trls():
     """minigrpo's penalty on token counts against TRL's reward function on token lists."""
     from trl.rewards import get_soft_overlong_punishment
 
-    from minigrpo.trainer import soft_overlong_penalty
+    from minigrpo.advantages import soft_overlong_penalty
 
     lengths = torch.tensor([1, 10, 11, 15, 19, 20])
     trl_values = get_soft_overlong_punishment(max_completion_len=20, soft_punish_cache=10)(

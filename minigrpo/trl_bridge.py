@@ -1,0 +1,56 @@
+"""A ``GRPOConfig`` as TRL's: the translation the TRL comparisons (chapter 10,
+``tests/test_trl_equivalence.py``, ``benchmarks/trl_step_time.py``) share."""
+
+from __future__ import annotations
+
+from minigrpo.config import GRPOConfig
+from minigrpo.losses import CISPO_EPS_HIGH
+
+
+def trl_grpo_kwargs(config: GRPOConfig) -> dict:
+    """The same hyperparameters as keyword arguments of TRL's ``trl.GRPOConfig`` (TRL 1.16).
+
+    minigrpo's "dapo" (token mean of the whole optimiser mini-batch, over its micro-batches and
+    ranks) is TRL's "bnpo" in one process without gradient accumulation (TRL's "bnpo" divides
+    each micro-batch by its own token count); TRL's own "dapo" divides by the tokens of the
+    whole generation batch, rescaled to one optimiser step.  CISPO is TRL's ``loss_type="cispo"``, whose
+    token mean is over the generation batch too and whose ``epsilon_high`` is the cap on the
+    weight itself, 1 + ε_high: it matches minigrpo's cispo with "dapo" and one mini-batch.  A
+    TRL step is one optimiser step, so step counts are multiplied by the updates per rollout.
+    TRL has no counterpart for α > 0, the k1/k2 estimators, shuffled rewards, the
+    leave-one-out baseline, dynamic sampling, per-reward normalisation or the overlong penalty
+    (TRL has it as a reward function, ``trl.rewards.get_soft_overlong_punishment``): those raise
+    ``ValueError``.
+    """
+    unsupported = dict(alpha=config.alpha != 0, kl_estimator=config.kl_estimator != "k3",
+                       shuffle_rewards=config.shuffle_rewards, advantage_baseline=config.advantage_baseline != "mean",
+                       dynamic_sampling=config.dynamic_sampling, overlong_cache=config.overlong_cache > 0,
+                       normalize_each_reward=config.normalize_each_reward)
+    if any(unsupported.values()):
+        raise ValueError(f"TRL has no counterpart for {[k for k, v in unsupported.items() if v]}")
+    n = config.prompts_per_step * config.group_size  # sequences per rollout
+    updates = config.num_updates * config.num_minibatches
+    if config.eps_high is not None:
+        eps_high = config.eps_high
+    else:  # grpo_loss's own defaults
+        eps_high = CISPO_EPS_HIGH if config.surrogate == "cispo" else config.eps_low
+    if config.surrogate == "cispo":
+        if config.loss_type != "dapo" or config.num_minibatches != 1:
+            raise ValueError("TRL's cispo is minigrpo's cispo with loss_type='dapo' and one mini-batch")
+        loss_type, epsilon_high = "cispo", 1 + eps_high
+    else:
+        loss_type, epsilon_high = {"dapo": "bnpo"}.get(config.loss_type, config.loss_type), eps_high
+    schedule = "constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps else config.lr_schedule
+    return dict(
+        seed=config.seed, max_steps=config.steps * updates, num_generations=config.group_size,
+        generation_batch_size=n, per_device_train_batch_size=n // config.num_minibatches,
+        gradient_accumulation_steps=1, num_iterations=config.num_updates,
+        max_completion_length=config.max_new_tokens, temperature=config.temperature,
+        top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
+        beta=config.beta, use_bias_correction_kl=config.kl_bias_correction, epsilon=config.eps_low,
+        epsilon_high=epsilon_high, loss_type=loss_type, mask_truncated_completions=config.mask_truncated,
+        importance_sampling_level=config.ratio_level, scale_rewards=config.advantage_scale,
+        reward_weights=list(config.reward_weights), learning_rate=config.lr, lr_scheduler_type=schedule,
+        warmup_steps=config.warmup_steps * updates, weight_decay=config.weight_decay,
+        max_grad_norm=0.0 if config.max_grad_norm is None else config.max_grad_norm,
+    )
