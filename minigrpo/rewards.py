@@ -26,12 +26,22 @@ math-verify bounds its own work with ``signal.alarm``, which only exists in the 
 (called from any other thread, math-verify raises ``ValueError``) and which takes over the
 host's SIGALRM.  So math-verify runs in one persistent worker process (a plain subprocess of
 this file, not ``multiprocessing``, so a reader's script is never re-imported), on every call
-from every thread: one code path.  Each call waits at most ``CALL_TIMEOUT_S`` seconds; a worker
-that overruns is killed, restarted at the next call, and the answer scores 0 (logged, and not
-memoised: the same pair is asked again next time).  An exception inside math-verify is sent
-back and logged too, never turned silently into a 0.  Answers longer
-than ``MAX_ANSWER_CHARS`` score 0 without being parsed, and results are memoised on
-(answer, gold), so a group of G completions that agree costs one comparison.
+from every thread: one code path.  Only a verdict (equal or not) is memoised on (answer, gold),
+so a group of G completions that agree costs one comparison.  When there is no verdict the call
+scores 0, a warning on this module's logger says why, and nothing is memoised: the same pair is
+asked again next time.  There is no verdict when
+
+* the worker overruns ``CALL_TIMEOUT_S`` seconds or dies: it is killed and restarted at the next
+  call (warning "math-verify worker timed out or died");
+* math-verify raises, or runs out of one of its own 1-second time limits (one per parse and per
+  comparison, which a loaded machine can hit on a right answer).  The worker calls it with
+  ``raise_on_error=True``, so these surface as exceptions instead of a silent ``False``, and
+  sends the exception back (warning "math-verify raised on …: TimeoutException: …").  An
+  answer that always overruns, such as ``\\boxed{9^{9^{9^{9}}}}``, costs its time limit on
+  every call.
+
+The worker silences no logging; anything its libraries log goes to stderr.  Answers longer than
+``MAX_ANSWER_CHARS`` score 0 without being parsed (a deliberate 0, not logged).
 """
 
 from __future__ import annotations
@@ -235,7 +245,7 @@ class _Worker:
         self._pid = os.getpid()
 
     def ask(self, request: str) -> bool | None:
-        """The worker's verdict on one request: True, False, or None for no verdict."""
+        """The worker's verdict on one request: True, False, or None for no verdict (logged)."""
         if self._pid != os.getpid():  # forked child: the parent's pipes are not ours
             self.__init__()
         with self._lock:
@@ -252,7 +262,8 @@ class _Worker:
                 self.stop()
                 return None
             if reply not in ("0", "1"):
-                logger.warning("math-verify raised on %s: %s; scoring 0", request, reply)
+                why = reply.removeprefix(_NO_VERDICT).strip()
+                logger.warning("math-verify raised on %s: %s; scoring 0 this time, not memoised", request, why)
                 return None
             return reply == "1"
 
@@ -299,8 +310,12 @@ _WORKER = _Worker()
 atexit.register(_WORKER.stop)
 
 
+_NO_VERDICT = "?"
+"""first character of the worker's reply when it has no verdict; the rest says why"""
+
+
 def _serve() -> None:
-    """Worker main loop: read ``[extracted, boxed, gold]`` lines, answer ``1`` or ``0``.
+    """Worker main loop: read ``[extracted, boxed, gold]`` lines, answer each with ``_reply``.
 
     Runs in its own main thread, so math-verify's own ``signal.alarm`` timeouts work here and
     usually answer before the parent's ``CALL_TIMEOUT_S``; the parent's kill is the backstop for
@@ -311,26 +326,34 @@ def _serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     replies = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
-    logging.disable(logging.CRITICAL)  # math-verify logs every timeout as a warning
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig(), ExprExtractionConfig()]
 
     def equal(extracted: str, boxed: bool, gold: str) -> bool:
-        gold_parsed = parse(f"\\boxed{{{gold}}}", config, parsing_timeout=1)
+        """math-verify's verdict; raises (``raise_on_error``) where it would otherwise say False
+        for an error or for running out of its time limit."""
+        gold_parsed = parse(f"\\boxed{{{gold}}}", config, parsing_timeout=1, raise_on_error=True)
         text = f"\\boxed{{{extracted}}}" if boxed else extracted
-        pred_parsed = parse(text, config, parsing_timeout=1)
+        pred_parsed = parse(text, config, parsing_timeout=1, raise_on_error=True)
         if not (gold_parsed and pred_parsed):
             return False
-        return verify(gold_parsed, pred_parsed, timeout_seconds=1)
+        return verify(gold_parsed, pred_parsed, timeout_seconds=1, raise_on_error=True)
 
-    equal("1", True, "1")  # warm up sympy's lazy imports before declaring ready
+    _reply(equal, '["1", true, "1"]')  # warm up sympy's lazy imports; a timeout here is harmless
     replies.write("ready\n")
     replies.flush()
     for line in sys.stdin:
-        try:
-            reply = "1" if equal(*json.loads(line)) else "0"
-        except Exception as error:  # reported, not hidden: the parent logs it and scores 0
-            reply = " ".join(f"{type(error).__name__}: {error}".split())[:200].encode("ascii", "replace").decode()
-        replies.write(reply + "\n")
+        replies.write(_reply(equal, line) + "\n")
         replies.flush()
+
+
+def _reply(equal, request: str) -> str:
+    """The worker's one-line ASCII answer to one request: ``1`` or ``0`` for ``equal``'s verdict,
+    or ``_NO_VERDICT`` and the exception when it raised.  Catches ``BaseException`` because
+    math-verify's ``TimeoutException`` is one."""
+    try:
+        return "1" if equal(*json.loads(request)) else "0"
+    except BaseException as error:  # reported, not hidden: the parent logs it and scores 0
+        why = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        return f"{_NO_VERDICT} {why}".encode("ascii", "replace").decode()

@@ -5,6 +5,7 @@ tests assert a (very generous) bound on each call; speed itself is measured else
 """
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -178,6 +179,57 @@ def test_an_error_inside_math_verify_is_logged_not_silent(caplog):
     assert verdict is None
     assert any("math-verify raised" in r.getMessage() and "TypeError" in r.getMessage() for r in caplog.records)
     assert rewards._WORKER.ask(json.dumps(["7", True, "7"])) is True
+
+
+def test_a_math_verify_timeout_is_no_verdict_and_asked_again(caplog):
+    """math-verify's own 1-second limit runs out on this comparison: the worker reports the
+    ``TimeoutException`` instead of a False, and since nothing is memoised, the second call asks
+    math-verify again (and logs again)."""
+    for _ in range(2):
+        caplog.clear()
+        assert correctness_reward(r"\boxed{9^{9^{9^{9^{9}}}}}", "5") == 0.0
+        assert any("TimeoutException" in r.getMessage() for r in caplog.records)
+
+
+OVERLOADED_MATH_VERIFY = '''"""math_verify as it behaves on a badly overloaded machine: every comparison runs
+out of its time limit, and says False for it unless asked to raise (as math-verify 0.9 does)."""
+
+
+class TimeoutException(BaseException):
+    pass
+
+
+class LatexExtractionConfig:
+    pass
+
+
+ExprExtractionConfig = LatexExtractionConfig
+
+
+def parse(pred, extraction_config, parsing_timeout=5, raise_on_error=False):
+    return [pred]
+
+
+def verify(gold, target, timeout_seconds=5, raise_on_error=False):
+    if raise_on_error:
+        raise TimeoutException("Timeout during comparison")
+    return False
+'''
+
+
+def test_a_right_answer_that_timed_out_scores_one_once_math_verify_answers(tmp_path, monkeypatch, caplog):
+    """A worker that imports OVERLOADED_MATH_VERIFY scores a right answer 0 without raising;
+    that 0 is not memoised, so once a worker with the real math-verify answers, it scores 1."""
+    (tmp_path / "math_verify.py").write_text(OVERLOADED_MATH_VERIFY)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path), prepend=os.pathsep)
+    rewards._WORKER.stop()  # the next call starts a worker that imports the fake
+    try:
+        assert correctness_reward(r"\boxed{271828}", "271828") == 0.0
+    finally:
+        monkeypatch.undo()
+        rewards._WORKER.stop()  # the next call starts a worker with the real math-verify
+    assert correctness_reward(r"\boxed{271828}", "271828") == 1.0
+    assert any("TimeoutException: Timeout during comparison" in r.getMessage() for r in caplog.records)
 
 
 def test_memoised_answers_skip_the_worker():
