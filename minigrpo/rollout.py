@@ -160,7 +160,7 @@ def sample_completions(
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     with plain_generation_config(model, eos_ids, tokenizer.pad_token_id), merged_lora(model):
         cache = {}
-        if shared_prefill and group_size > 1 and prompt_ids.shape[1] > 1:
+        if shared_prefix_rows(model, group_size, shared_prefill) > 1 and prompt_ids.shape[1] > 1:
             cache = {"cache": prefix_cache(unwrap(model), prompt_ids, prompt_mask, group_size)}
             prompt_ids = prompt_ids.repeat_interleave(group_size, 0)
             prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
@@ -188,7 +188,7 @@ def shared_prefix_rows(model, group_size: int, shared_prefill: bool) -> int:
     mode, else 1 (every row runs whole).  A model in training mode with gradient checkpointing
     keeps no cache; in eval mode (sampling, scoring) it does.  The one place this is decided."""
     checkpointing = getattr(unwrap(model), "is_activation_checkpointing", False)
-    return group_size if shared_prefill and not (unwrap(model).training and checkpointing) else 1
+    return group_size if shared_prefill and group_size > 1 and not (unwrap(model).training and checkpointing) else 1
 
 
 def row_chunks(n: int, rows_per_pass: int | None, rows_per_prompt: int = 1) -> list[slice]:
