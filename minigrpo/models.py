@@ -216,6 +216,108 @@ def is_lora(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def mergeable_lora_layers(model) -> list | None:
+    """The LoRA layers ``merged_lora`` may merge, or None where merging would change the function.
+
+    Merging W ← W + s·B·A and switching the adapter off computes the same function as the
+    adapter's own forward only for plain LoRA, so this answers a list only when all of these hold:
+
+    - ``model`` (or the model inside a DDP wrapper) is a peft model (``is_lora``) holding exactly
+      one adapter, a LoRA one (``peft_type`` LORA), and that adapter is active;
+    - the adapter was not attached through transformers' own peft integration
+      (``model.add_adapter`` / ``load_adapter``: ``_hf_peft_config_loaded``), which has no
+      ``disable_adapter`` to switch it off while the merged weights run;
+    - no ``modules_to_save`` / ``trainable_token_indices`` wrappers (switching the adapter off
+      would switch those trained copies off too) and no tuner layer but plain LoRA ones;
+    - every LoRA layer is exactly peft's ``lora.Linear``, ``lora.Embedding`` or ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d``
+      (whose plain merge is W + ``get_delta_weight``), holds the adapter as its only active
+      one, and has no variant (DoRA and the others are merged by peft through the variant, not
+      ``get_delta_weight``), no ``lora_bias``, adapters enabled, nothing already merged, no
+      dropout that acts (a ``Dropout`` in training mode), and a base weight that is a plain
+      float32 ``Parameter`` of its own (no other LoRA layer shares the base module).
+    """
+    model = getattr(model, "module", model)  # DDP's unwrap, inline: rollout imports this module
+    if not is_lora(model) or getattr(model, "_hf_peft_config_loaded", False):
+        return None
+    from peft.tuners.lora import layer as lora  # optional dependency: the `gpu` extra
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import PeftType
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    configs = dict(model.peft_config)
+    if len(configs) != 1:
+        return None
+    (name, config), = configs.items()
+    if getattr(config, "peft_type", None) != PeftType.LORA:
+        return None
+    plain = tuple(getattr(lora, cls) for cls in ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d")
+                  if hasattr(lora, cls))
+    layers = []
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            return None
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if type(module) not in plain or list(module.active_adapters) != [name] or name not in module.lora_A:
+            return None
+        if (name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False)
+                or getattr(module, "lora_bias", {}).get(name, False)
+                or module.disable_adapters or module.merged):
+            return None
+        dropout = module.lora_dropout[name]
+        if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
+            return None
+        weight = module.get_base_layer().weight
+        if type(weight) is not torch.nn.Parameter or weight.dtype != torch.float32:
+            return None
+        layers.append(module)
+    if not layers or len({id(m.get_base_layer()) for m in layers}) != len(layers):
+        return None
+    return layers
+
+
+@contextlib.contextmanager
+def merged_lora(model):
+    """Inside the block every LoRA layer computes x·(W + s·B·A)ᵀ with one matrix product, as the
+    bare model does, instead of x·Wᵀ + s·(x·Aᵀ)·Bᵀ: the same function up to float rounding, for
+    the cost of one weight copy.  On exit the original W is put back (the tensor itself:
+    nothing is subtracted, so W never drifts).
+
+    Only float32 weights are merged: in bfloat16, W + ΔW would round away most of a small ΔW
+    (its spacing near a weight of 0.02 is 1.2e-4) and sampling would come from near π_ref.  Only
+    plain LoRA is merged (``mergeable_lora_layers`` says exactly what that is): DoRA and other
+    variants, ``lora_bias``, ``modules_to_save``, several adapters, adapters switched off or
+    already merged, transformers' own adapters, a model without a LoRA adapter or with
+    lower-precision weights all run as they are, unmerged: the adapter's own forward.
+
+    All or nothing: every merged weight is computed before any is put in place, and on any
+    exception (out of memory part-way through the copies, or one raised inside the block) every
+    layer gets its original W back, the same ``Parameter`` object, and the exception propagates.
+    The model is never left half-merged; the caller may catch the error and carry on unmerged.
+    """
+    peft_model = getattr(model, "module", model)  # DDP's unwrap, inline: rollout imports this module
+    layers = mergeable_lora_layers(peft_model)
+    if layers is None:
+        yield
+        return
+    bases = [m.get_base_layer() for m in layers]
+    originals = [base.weight for base in bases]
+    try:
+        with torch.no_grad():
+            merged = [
+                torch.nn.Parameter(w + m.get_delta_weight(m.active_adapters[0]).to(w.dtype), requires_grad=False)
+                for m, w in zip(layers, originals)
+            ]  # every copy made before any is put in place: a failure here leaves the model untouched
+        for base, weight in zip(bases, merged):
+            base.weight = weight
+        del merged
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        for base, weight in zip(bases, originals):
+            base.weight = weight
+
+
 class AdapterDisabled(torch.nn.Module):
     """π_ref as a view of a LoRA policy: calling it runs the same network with the adapter off.
 

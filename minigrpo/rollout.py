@@ -24,6 +24,7 @@ import torch
 from transformers import GenerationConfig
 
 from minigrpo.logprobs import token_logprobs_and_entropy
+from minigrpo.models import merged_lora  # noqa: F401  (also importable from here)
 
 
 @dataclass
@@ -105,38 +106,6 @@ def prefix_cache(model, prompt_ids, prompt_mask, group_size: int):
         raise ValueError("a shared prefix needs the KV cache: turn gradient checkpointing off or run each row whole")
     prefix.cache.batch_repeat_interleave(group_size)  # (P·G, …)
     return prefix.cache
-
-
-@contextlib.contextmanager
-def merged_lora(model):
-    """Inside the block every LoRA layer computes x·(W + s·B·A)ᵀ with one matrix product, as the
-    bare model does, instead of x·Wᵀ + s·(x·Aᵀ)·Bᵀ: the same function up to float rounding, for
-    the cost of one weight copy.  On exit the original W is put back (the tensor itself:
-    nothing is subtracted, so W never drifts).
-
-    Only float32 weights are merged: in bfloat16, W + ΔW would round away most of a small ΔW
-    (its spacing near a weight of 0.02 is 1.2e-4) and sampling would come from near π_ref.  A model
-    without a LoRA adapter, or with lower-precision weights, runs as it is.
-    """
-    peft_model = unwrap(model)
-    layers = [m for m in peft_model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "get_base_layer")]
-    if not layers or any(m.get_base_layer().weight.dtype != torch.float32 or m.disable_adapters or m.merged
-                         for m in layers):
-        yield
-        return
-    saved = []
-    with torch.no_grad():
-        for m in layers:
-            base = m.get_base_layer()
-            delta = sum(m.get_delta_weight(name) for name in m.active_adapters)
-            saved.append((base, base.weight))
-            base.weight = torch.nn.Parameter(base.weight + delta, requires_grad=False)
-    try:
-        with peft_model.disable_adapter():
-            yield
-    finally:
-        for base, weight in saved:
-            base.weight = weight
 
 
 @torch.no_grad()

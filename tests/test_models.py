@@ -1,11 +1,14 @@
 """Loading real causal LMs: the offline smoke model, LoRA and its adapter-disabled reference,
 the Qwen2.5-0.5B architecture built from its config, the dtype rule."""
 
+import warnings
+
 import pytest
 import torch
 
 from minigrpo import models
-from minigrpo.rollout import completion_logprobs, tokenize_prompts
+from minigrpo.rollout import completion_logprobs, sample_completions, tokenize_prompts
+from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 
 TINY_QWEN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1)
@@ -123,3 +126,185 @@ def test_bad_arguments_are_value_errors():
         models.prepare_for_training(model, lora_rank=-1)
     with pytest.raises(ValueError, match="policy"):
         models.AdapterDisabled(model)
+
+
+# ---------------------------------------------------------------- merged_lora: only plain LoRA, all or nothing
+
+
+SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+PROMPTS = ["1+2=", "45+67="]
+
+
+def _tiny_lora(adapters=None, active=None, **config):
+    """The tiny Llama in a peft LoRA adapter built from ``config`` (r = 2, every linear layer),
+    or several named ``adapters`` (name → config overrides) with ``active`` switched on; every
+    B (and lora bias, and modules_to_save copy) moved off its initial value under a seed, so
+    the adapter differs from the base model."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, SMALL, seed=0)
+    adapters = adapters or {"default": config}
+
+    def lora(overrides):
+        return LoraConfig(**{"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "lora_dropout": 0.0,
+                             "task_type": "CAUSAL_LM", **overrides})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: lora_bias on layers without a bias cannot be merged
+        (first, first_config), *rest = adapters.items()
+        model = get_peft_model(model, lora(first_config), adapter_name=first)
+        for name, overrides in rest:
+            model.add_adapter(name, lora(overrides))
+        model.set_adapter(active or first)
+    _move_adapter(model)
+    return model.eval(), tokenizer
+
+
+def _move_adapter(model):
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def _logits(model, tokenizer):
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _base_weights(model):
+    return [m.get_base_layer().weight for m in model.modules() if hasattr(m, "get_delta_weight")]
+
+
+def _argmax_by_hand(model, ids, steps):
+    """Arg-max decoding of one unpadded prompt (1, L), a full forward pass per token."""
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(input_ids=ids).logits[0, -1].argmax()
+            out.append(int(token))
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return out
+
+
+def test_plain_lora_is_merged_and_its_weights_put_back(one_thread):
+    """Plain LoRA is merged (inside the block every base weight is a new tensor W + ΔW ≠ W) and
+    computes the adapter's function to float rounding; afterwards every W is the original object."""
+    model, tokenizer = _tiny_lora()
+    originals = _base_weights(model)
+    copies = [w.clone() for w in originals]
+    assert len(models.mergeable_lora_layers(model)) == len(originals) == 14  # 7 linear layers × 2 blocks
+    expected = _logits(model, tokenizer)
+    with models.merged_lora(model):
+        inside = _base_weights(model)
+        merged = _logits(model, tokenizer)
+    assert all(w is not o and not torch.equal(w, c) for w, o, c in zip(inside, originals, copies))
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-5)
+    assert all(w is o and torch.equal(w, c) for w, o, c in zip(_base_weights(model), originals, copies))
+    assert torch.equal(_logits(model, tokenizer), expected)
+
+
+def test_a_failure_part_way_through_the_merge_leaves_the_model_as_it_was(one_thread, monkeypatch):
+    """Out of memory at the 3rd layer's copy: the error propagates, and every base weight is the
+    original tensor, unchanged, and the model computes what it did before (no W + 2ΔW)."""
+    model, tokenizer = _tiny_lora()
+    layers = [m for m in model.modules() if hasattr(m, "get_delta_weight")]
+    originals = _base_weights(model)
+    copies = [w.clone() for w in originals]
+    expected = _logits(model, tokenizer)
+
+    def out_of_memory(adapter):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(layers[2], "get_delta_weight", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError), models.merged_lora(model):
+        pytest.fail("the block ran although the merge failed")
+    assert all(w is o and torch.equal(w, c) for w, o, c in zip(_base_weights(model), originals, copies))
+    assert torch.equal(_logits(model, tokenizer), expected)
+
+
+def test_a_dora_adapter_samples_from_its_own_distribution(one_thread):
+    """DoRA rescales W + ΔW by its magnitude vector, which W + get_delta_weight leaves out: it runs
+    unmerged, so the logits and greedy completions inside the block are the adapter's own."""
+    model, tokenizer = _tiny_lora(use_dora=True)
+    expected = _logits(model, tokenizer)
+    with model.disable_adapter():
+        base = _logits(model, tokenizer)
+    assert not torch.allclose(expected, base, atol=1e-3)  # the adapter is not the base model
+    with models.merged_lora(model):
+        inside = _logits(model, tokenizer)
+    torch.testing.assert_close(inside, expected, rtol=0, atol=1e-6)
+    ids, _ = tokenize_prompts(tokenizer, ["45+67="])
+    completion, _, _ = sample_completions(model, tokenizer, ids, torch.ones_like(ids), group_size=1,
+                                          temperature=1.0, max_new_tokens=6, greedy=True)
+    assert completion[0].tolist() == _argmax_by_hand(model, ids, 6)
+    assert models.mergeable_lora_layers(model) is None
+
+
+@pytest.mark.parametrize("adapters, active", [
+    ({"default": dict(lora_bias=True)}, None),
+    ({"default": dict(modules_to_save=["norm"])}, None),
+    ({"default": {}, "other": dict(target_modules=["q_proj"])}, "default"),
+    ({"default": {}, "other": dict(target_modules=["q_proj"])}, "other"),
+], ids=["lora_bias", "modules_to_save", "two_adapters_first_active", "two_adapters_second_active"])
+def test_lora_it_cannot_merge_runs_unmerged(one_thread, adapters, active):
+    """lora_bias (B's bias is not in get_delta_weight), modules_to_save (switching the adapter off
+    switches the trained copy off) and a second adapter all run the adapter's own forward,
+    with the base weights untouched."""
+    model, tokenizer = _tiny_lora(adapters, active)
+    originals = _base_weights(model)
+    expected = _logits(model, tokenizer)
+    with model.disable_adapter():
+        assert not torch.allclose(_logits(model, tokenizer), expected, atol=1e-3)
+    with models.merged_lora(model):
+        assert all(w is o for w, o in zip(_base_weights(model), originals))
+        inside = _logits(model, tokenizer)
+    torch.testing.assert_close(inside, expected, rtol=0, atol=1e-6)
+    assert models.mergeable_lora_layers(model) is None
+
+
+def test_adapters_off_already_merged_or_with_active_dropout_are_not_merged(one_thread):
+    model, tokenizer = _tiny_lora(lora_dropout=0.5)
+    assert models.mergeable_lora_layers(model) is not None  # eval mode: the dropout does nothing
+    model.train()
+    assert models.mergeable_lora_layers(model) is None
+    model.eval()
+    with model.disable_adapter():
+        assert models.mergeable_lora_layers(model) is None
+        base = _logits(model, tokenizer)
+        with models.merged_lora(model):
+            torch.testing.assert_close(_logits(model, tokenizer), base, rtol=0, atol=1e-6)
+    model.merge_adapter()
+    try:
+        assert models.mergeable_lora_layers(model) is None
+    finally:
+        model.unmerge_adapter()
+    assert models.mergeable_lora_layers(build_model(build_tokenizer(), SMALL)) is None  # no adapter
+
+
+def test_transformers_own_adapter_runs_unmerged(one_thread):
+    """An adapter attached by transformers' integration (``add_adapter`` on the bare model) is no
+    peft model: it runs as it is, its base weights untouched."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, SMALL, seed=0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    try:
+        model.add_adapter(config)
+    except ValueError as error:  # transformers 5 asks for peft ≥ 0.22: what add_adapter does, by hand
+        assert "PEFT" in str(error)
+        model._hf_peft_config_loaded = True
+        inject_adapter_in_model(config, model, "default")
+    assert model._hf_peft_config_loaded and hasattr(model, "peft_config")
+    _move_adapter(model)
+    originals = _base_weights(model)
+    expected = _logits(model, tokenizer)
+    with models.merged_lora(model):
+        assert all(w is o for w, o in zip(_base_weights(model), originals))
+        inside = _logits(model, tokenizer)
+    torch.testing.assert_close(inside, expected, rtol=0, atol=1e-6)
+    assert models.mergeable_lora_layers(model) is None
