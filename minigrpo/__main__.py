@@ -103,7 +103,8 @@ def gsm8k_command(args) -> dict:
     for name in ("data_dir", "device") + (("lora_rank",) if smoke else ()):
         if getattr(args, name) is not None:
             setattr(run, name, getattr(args, name))
-    result = gsm8k.run_gsm8k(run, progress=not args.no_progress)
+    result = gsm8k.run_gsm8k(run, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+                             resume=args.resume, stop_after=args.stop_after)
     if dist_info()[0] == 0:
         print(f"[{run.name} configuration] GSM8K test accuracy {result['acc_before']:.3f} -> "
               f"{result['acc_after']:.3f} (n = {result['n_eval']}, McNemar p = {result['p_value']:.3g}) "
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="GRPO steps (the schedule's horizon)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this step (resume later)")
     p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir if it has one")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --checkpoint-dir (an existing empty folder starts a new run)")
     p.add_argument("--shuffle-rewards", action="store_true", help="the control: rewards permuted in the batch")
     p.add_argument("--warmup-cache", default=None, help="cache the warm-up model in this folder")
     p.add_argument("--warmup-set", action="append", default=[], metavar="NAME=VALUE",
@@ -147,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, default=None, help="test problems evaluated (default: all)")
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA r (default 32); 0: full fine-tuning, lr 1e-6")
     p.add_argument("--device", default=None, help="cuda or cpu (default: the configuration's)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this step (resume later)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="write checkpoints here (every --set checkpoint_every=K steps, and when stopping)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --checkpoint-dir (an existing empty folder starts a new run)")
     p.set_defaults(run=gsm8k_command)
 
     p = subparsers.add_parser("small-model", help="SmolLM2-135M-Instruct learning word problems on the CPU")

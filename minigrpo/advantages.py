@@ -113,6 +113,16 @@ def group_advantages(
 # --------------------------------------------------------------------------- rewards and groups
 
 
+def compute_rewards(
+    completions: list[str], answers: list[str], reward_funcs, reward_weights
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The reward parts r_k(o_i, answer_i), shape (K, N), one row per reward function, and
+    each function's batch mean as ``reward_<name>``; the reward is r_i = Σ_k w_k·r_k (``combine``)."""
+    parts = torch.tensor([[float(func(c, a)) for c, a in zip(completions, answers)] for func in reward_funcs])
+    parts = parts.view(len(reward_funcs), len(completions))  # (K, N), also when N = 0
+    return parts, {f"reward_{func.__name__}": row.mean().item() for func, row in zip(reward_funcs, parts)}
+
+
 def combine(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """r_i = Σ_k w_k·r_{k,i}: (K, N) parts and (K,) weights to the (N,) rewards."""
     return weights @ parts

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from minigrpo import models
+from minigrpo import checkpoints, models
 from minigrpo.config import GRPOConfig
 from minigrpo.data import gsm8k_examples, load_gsm8k, word_problem_prompt, word_problems
+from minigrpo.distributed import params_sha256
 from minigrpo.evaluation import mcnemar_p_value
 from minigrpo.rewards import correctness_reward, format_reward
 from minigrpo.trainer import GRPOTrainer
@@ -177,18 +178,29 @@ def load_examples(run: GSM8KRun, tokenizer, split: str) -> list[dict[str, str]]:
 # ---------------------------------------------------------------- the run
 
 
-def run_gsm8k(run: GSM8KRun, progress: bool = True) -> dict:
+def run_gsm8k(run: GSM8KRun, progress: bool = True, *, checkpoint_dir=None, resume: bool = False,
+              stop_after: int | None = None) -> dict:
     """Load, evaluate on the test split, train with GRPO, evaluate again; everything in a dict
     (JSON-ready): accuracies with n and intervals, the paired test, per-step history, sample
-    completions, seconds per phase."""
+    completions, seconds per phase, the final parameters' SHA-256.
+
+    ``checkpoint_dir`` gets a checkpoint every ``grpo.checkpoint_every`` steps and when the run
+    stops; ``stop_after`` stops after that step (the "after" evaluation is then the last one
+    made, ``acc_after_step`` says which); ``resume`` continues from the checkpoint in
+    ``checkpoint_dir`` (``checkpoints.to_resume``), so a run cut off (a Colab disconnect) loses
+    at most the steps since the last checkpoint."""
+    resuming = resume and checkpoints.to_resume(checkpoint_dir) is not None
     start = time.perf_counter()
     model, tokenizer = load_model(run)
     load_seconds = time.perf_counter() - start
     train_examples = load_examples(run, tokenizer, "train")
     test_examples = load_examples(run, tokenizer, "test")
     trainer = GRPOTrainer(model, tokenizer, train_examples, test_examples, run.grpo)
+    if resuming:
+        trainer.load_checkpoint(checkpoint_dir)
+    resumed_from = trainer.step
     start = time.perf_counter()
-    history = trainer.train(progress=progress)
+    history = trainer.train(until=stop_after, checkpoint_dir=checkpoint_dir, progress=progress)
     train_seconds = sum(h["step_seconds"] for h in history)
     before, after = trainer.evals[0], trainer.evals[-1]
     trainable, total = models.count_parameters(model)
@@ -197,10 +209,11 @@ def run_gsm8k(run: GSM8KRun, progress: bool = True) -> dict:
         "config": run.name, "model": models.SMOKE_MODEL if run.model == "smoke" else run.model,
         "device": run.device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "lora_rank": run.lora_rank, "trainable_parameters": trainable, "parameters": total,
-        "n_eval": before.n, "acc_before": before.accuracy, "acc_after": after.accuracy,
+        "n_eval": before.n, "acc_before": before.accuracy, "acc_after": after.accuracy, "acc_after_step": after.step,
         "p_value": mcnemar_p_value(before.correct_mask, after.correct_mask),  # exact McNemar, paired
         "eval_before": before.summary(), "eval_after": after.summary(),
-        "steps": len(history), "history": history,
+        "steps": len(history), "resumed_from_step": resumed_from, "history": history,
+        "params_sha256": params_sha256(model),
         "samples": [
             {"question_prompt": ex["prompt"], "answer": ex["answer"], "before": b, "after": a}
             for ex, b, a in zip(test_examples[:k], before.completions[:k], after.completions[:k])

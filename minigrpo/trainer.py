@@ -39,7 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minigrpo import checkpoints
-from minigrpo.advantages import combine, group_advantages, live_groups, soft_overlong_penalty, zero_std_fraction
+from minigrpo.advantages import (combine, compute_rewards, group_advantages, live_groups, soft_overlong_penalty,
+                                 zero_std_fraction)
 from minigrpo.config import OVERLONG_PENALTY, GRPOConfig
 from minigrpo.distributed import (broadcast_parameters, dist_info, gather_objects, gathered, interleave,
                                   mean_over_ranks, sum_gradients, sum_over_ranks)
@@ -52,19 +53,6 @@ from minigrpo.rollout import (Rollout, completion_logprobs, concat_rollouts, mod
                               select_groups, shared_prefix_rows)
 
 logger = logging.getLogger("minigrpo")
-
-# ---------------------------------------------------------------- small pieces
-
-
-def compute_rewards(
-    completions: list[str], answers: list[str], reward_funcs, reward_weights
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The reward parts r_k(o_i, answer_i), shape (K, N), one row per reward function, and
-    each function's batch mean as ``reward_<name>``; the reward is r_i = Σ_k w_k·r_k (``combine``)."""
-    parts = torch.tensor([[float(func(c, a)) for c, a in zip(completions, answers)] for func in reward_funcs])
-    parts = parts.view(len(reward_funcs), len(completions))  # (K, N), also when N = 0
-    return parts, {f"reward_{func.__name__}": row.mean().item() for func, row in zip(reward_funcs, parts)}
-
 
 # ---------------------------------------------------------------- the trainer
 
@@ -393,14 +381,14 @@ class GRPOTrainer:
     # --- checkpoints
 
     def save_checkpoint(self, directory: str | Path) -> None:
-        """Parameters (and the trainer's own reference copy) as safetensors; optimizer,
+        """Parameters (under LoRA the adapter's; and the trainer's own reference copy) as safetensors; optimizer,
         scheduler, step, history, evaluations, ``run_info`` and config in ``trainer_state.pt``;
         each rank's random state in ``rng_rank{r}.pt``.  Everything loads with
         ``weights_only=True``; the folder is replaced whole or not at all (``checkpoints``)."""
 
         def write(folder: Path) -> None:
             if self.rank == 0:
-                safetensors.torch.save_model(self.model, str(folder / "model.safetensors"))
+                self._save_model(folder / "model.safetensors")
                 if self.owns_ref:
                     safetensors.torch.save_model(self.ref_model, str(folder / "ref_model.safetensors"))
                 torch.save({
@@ -413,6 +401,25 @@ class GRPOTrainer:
 
         checkpoints.write_atomically(directory, write)
 
+    def _save_model(self, path: Path) -> None:
+        """Every parameter; under LoRA the trainable adapter only (the frozen base is the
+        checkpoint the run started from, loaded again on resume)."""
+        if is_lora(self.model):
+            trained = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            safetensors.torch.save_file(trained, str(path))
+        else:
+            safetensors.torch.save_model(self.model, str(path))
+
+    def _load_model(self, path: Path) -> None:
+        if is_lora(self.model):
+            state = safetensors.torch.load_file(str(path), device=str(self.device))
+            trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            if set(state) != trained:
+                raise ValueError(f"{path} holds other adapter weights than this model trains")
+            self.model.load_state_dict(state, strict=False)
+        else:
+            safetensors.torch.load_model(self.model, str(path), device=str(self.device))
+
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; training then continues exactly.  A
         ``ValueError`` when ``directory`` holds no checkpoint or one written under another config."""
@@ -421,7 +428,7 @@ class GRPOTrainer:
             raise ValueError(f"no checkpoint in {str(directory)!r}")
         state = torch.load(folder / checkpoints.STATE_FILE, weights_only=True)
         checkpoints.check_config(state["config"], self.config.to_dict())
-        safetensors.torch.load_model(self.model, str(folder / "model.safetensors"), device=str(self.device))
+        self._load_model(folder / "model.safetensors")
         if self.owns_ref:
             safetensors.torch.load_model(self.ref_model, str(folder / "ref_model.safetensors"), device=str(self.device))
         self.optimizer.load_state_dict(state["optimizer"])

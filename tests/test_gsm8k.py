@@ -75,3 +75,32 @@ def test_word_problem_examples_for_the_small_model_run():
     assert len(test) == run.grpo.eval_size and len(train) > len(test)
     assert all(ex["prompt"].endswith("<|assistant|>") and ex["answer"].isdigit() for ex in test)
     assert not {ex["prompt"] for ex in test} & {ex["prompt"] for ex in train}
+
+
+@pytest.mark.slow
+def test_a_stopped_and_resumed_smoke_run_ends_as_a_straight_one(tmp_path, monkeypatch):
+    """``gsm8k --smoke`` stopped after step 1 and resumed from its checkpoint ends with the same
+    parameters, bit for bit, and the same history as the run made straight; the checkpoint
+    holds the LoRA adapter, not the frozen base."""
+    from minigrpo.__main__ import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ck = tmp_path / "ck"
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.json"
+        main(["gsm8k", "--smoke", "--steps", "2", "--eval-size", "1", "--no-progress", "--threads", "1",
+              "--out", str(out), *extra])
+        return json.loads(out.read_text())
+
+    straight = run("straight")
+    half = run("half", "--checkpoint-dir", str(ck), "--stop-after", "1")
+    assert half["steps"] == 1 and half["acc_after_step"] == 0  # no evaluation after step 1 of 2
+    adapter_mib = (ck / "model.safetensors").stat().st_size / 2**20
+    assert adapter_mib < 0.05 * half["parameters"] * 4 / 2**20  # the adapter, not 135M float32 weights
+    resumed = run("resumed", "--checkpoint-dir", str(ck), "--resume")
+    assert resumed["resumed_from_step"] == 1 and resumed["steps"] == 2
+    assert resumed["params_sha256"] == straight["params_sha256"]
+    strip = lambda h: [{k: v for k, v in m.items() if k != "step_seconds"} for m in h]  # noqa: E731
+    assert strip(resumed["history"]) == strip(straight["history"])
+    assert resumed["eval_after"] == straight["eval_after"]

@@ -16,11 +16,11 @@ from minigrpo.rewards import exact_match_reward, format_reward
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
 from minigrpo.metrics import METRICS, MetricLog, metric_label, reduce_updates
 from minigrpo import distributed
-from minigrpo.advantages import combine, live_groups, soft_overlong_penalty, zero_std_fraction
+from minigrpo.advantages import combine, compute_rewards, live_groups, soft_overlong_penalty, zero_std_fraction
 from minigrpo.config import GRPOConfig
 from minigrpo.distributed import params_sha256
 from minigrpo.optim import lr_lambda
-from minigrpo.trainer import GRPOTrainer, compute_rewards
+from minigrpo.trainer import GRPOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
