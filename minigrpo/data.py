@@ -127,25 +127,57 @@ WORD_TEMPLATES = (
 )
 
 
+HELD_OUT_SHARE = 4
+"""a fact is held out unless a fixed hash of it is divisible by this: about 3 in 4 facts (313 of
+the 420 with numbers up to 20), so that the held-out set has over 300 distinct facts"""
+
+
+def word_facts(max_number: int = 20) -> list[tuple[str, int, int]]:
+    """Every fact (operation, a, b) with numbers 1 … ``max_number``: a sum is one fact in either
+    order, ("+", a, b) with a ≤ b; a difference never goes below 0, ("-", a, b) with b ≤ a."""
+    numbers = range(1, max_number + 1)
+    return [("+", a, b) for a in numbers for b in numbers if a <= b] + [
+        ("-", a, b) for a in numbers for b in numbers if b <= a
+    ]
+
+
+def _fact_hash(fact: tuple[str, int, int], salt: str = "") -> int:
+    return zlib.crc32(f"{salt}{fact[0]}{fact[1]},{fact[2]}".encode())
+
+
+def _is_held_out(fact: tuple[str, int, int]) -> bool:
+    """The split: by a hash, but the prompt's own worked example (3 + 4) is always a training fact."""
+    return fact != WORD_EXAMPLE_FACT and _fact_hash(fact) % HELD_OUT_SHARE != 0
+
+
 def word_problems(held_out: bool = False, size: int | None = None, seed: int = 1234,
                   max_number: int = 20) -> list[dict[str, str]]:
-    """One-step addition and subtraction word problems ``{"question", "answer"}``, numbers
-    1 … ``max_number`` (a subtraction never goes below 0): the easiest rung of GSM8K's ladder.
+    """One-step addition and subtraction word problems ``{"question", "answer", "fact"}``,
+    numbers 1 … ``max_number``: the easiest rung of GSM8K's ladder.
 
-    A problem is held out when a fixed hash of its operation and numbers says so (about one in
-    ten), so no held-out (operation, a, b) appears in training under any name or wording.
-    ``size`` picks that many in an order fixed by ``seed`` (None: all of them).
+    The unit is the fact (``word_facts``; "3 + 4" and "4 + 3" are one).  A fact is held out when a
+    fixed hash of it says so (``HELD_OUT_SHARE``), so no held-out fact appears in training under
+    any name, wording or order.  The training split has every wording of its facts (two
+    templates, three name/object variants, both orders of a sum); the held-out split one wording
+    per fact, picked by another hash, so its problems are as many as its facts and independent
+    of each other as far as facts are.  ``size`` picks that many in an order fixed by ``seed``
+    (None: all of them).
     """
     problems = []
-    for (template_id, (op, template)), a, b, variant in itertools.product(
-        enumerate(WORD_TEMPLATES), range(1, max_number + 1), range(1, max_number + 1), range(3)
-    ):
-        if op == "-" and b > a or (zlib.crc32(f"{op}{a},{b}".encode()) % 10 == 0) != held_out:
+    for fact in word_facts(max_number):
+        if _is_held_out(fact) != held_out:
             continue
-        name = WORD_NAMES[(a + 3 * b + template_id + 3 * variant) % len(WORD_NAMES)]
-        things = WORD_THINGS[(3 * a + b + 5 * template_id + variant) % len(WORD_THINGS)]
-        question = template.format(name=name, things=things, a=a, b=b)
-        problems.append({"question": question, "answer": str(a + b if op == "+" else a - b)})
+        op, a, b = fact
+        templates = [(i, t) for i, (o, t) in enumerate(WORD_TEMPLATES) if o == op]
+        orders = [(a, b), (b, a)] if op == "+" and a != b else [(a, b)]
+        wordings = list(itertools.product(templates, range(3), orders))
+        if held_out:
+            wordings = [wordings[_fact_hash(fact, "wording") % len(wordings)]]
+        for (template_id, template), variant, (x, y) in wordings:
+            name = WORD_NAMES[(x + 3 * y + template_id + 3 * variant) % len(WORD_NAMES)]
+            things = WORD_THINGS[(3 * x + y + 5 * template_id + variant) % len(WORD_THINGS)]
+            problems.append({"question": template.format(name=name, things=things, a=x, b=y),
+                             "answer": str(a + b if op == "+" else a - b), "fact": f"{op} {a} {b}"})
     if size is not None:
         if size > len(problems):
             raise ValueError(f"size={size} exceeds the {len(problems)} problems of the split")
@@ -158,6 +190,8 @@ WORD_INSTRUCTION = "Put your final answer within \\boxed{}."
 WORD_EXAMPLE = ("Tom has 3 pens. Tom finds 4 more pens. How many pens does Tom have now?",
                 "3 + 4 = 7. The answer is \\boxed{7}.")
 """the one-shot example every word-problem prompt shows: question, then a worked answer"""
+WORD_EXAMPLE_FACT = ("+", 3, 4)
+"""the example's fact, which every prompt shows: never held out"""
 
 
 def word_problem_prompt(tokenizer, question: str) -> str:
@@ -209,8 +243,10 @@ def gsm8k_prompt(tokenizer, question: str) -> str:
 
 
 def gsm8k_examples(dataset: datasets.Dataset, tokenizer) -> list[dict[str, str]]:
-    """Examples ``{"prompt", "answer"}``: chat prompts and gold answers from a GSM8K dataset."""
+    """Examples ``{"prompt", "answer", "question"}``: chat prompts, gold answers and the plain
+    questions from a GSM8K dataset."""
     return [
-        {"prompt": gsm8k_prompt(tokenizer, row["question"]), "answer": gsm8k_gold(row["answer"])}
+        {"prompt": gsm8k_prompt(tokenizer, row["question"]), "answer": gsm8k_gold(row["answer"]),
+         "question": row["question"]}
         for row in dataset
     ]

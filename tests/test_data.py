@@ -1,6 +1,8 @@
 """The arithmetic task, the sloppy teacher, the word problems and GSM8K loading (offline, on a
 fixture)."""
 
+import re
+
 import pytest
 
 from minigrpo.data import (
@@ -118,17 +120,25 @@ def test_gsm8k_chat_prompt_asks_for_a_boxed_answer():
     assert gsm8k_prompt(tokenizer, "What is 2+2?").count("<|user|>") == 1
 
 
-def test_word_problems_split_and_answers():
+def test_word_problems_hold_out_distinct_facts_one_wording_each():
+    """Over 300 held-out facts, each one problem; no held-out fact in training under any wording
+    or order (3 + 4 and 4 + 3 are one fact); the prompt's worked example is a training fact."""
     train, held_out = word_problems(held_out=False), word_problems(held_out=True)
-    assert len(held_out) >= 300 and len(train) > 5 * len(held_out)
-    assert not {p["question"] for p in train} & {p["question"] for p in held_out}
-    numbers = lambda p: tuple(int(w) for w in p["question"].split() if w.isdigit())  # noqa: E731
-    held_out_keys = {numbers(p) for p in held_out}
-    for p in held_out[:50]:
-        a, b = numbers(p)
-        assert int(p["answer"]) in (a + b, a - b) and int(p["answer"]) >= 0
+    facts = [p["fact"] for p in held_out]
+    assert len(facts) == len(set(facts)) >= 300  # one wording per fact
+    assert not set(facts) & {p["fact"] for p in train}
+    numbers = lambda p: tuple(map(int, re.findall(r"\d+", p["question"])))  # noqa: E731
+    for p in held_out + train:
+        op, a, b = p["fact"].split()
+        x, y = numbers(p)
+        assert {x, y} == {int(a), int(b)} and int(p["answer"]) == (x + y if op == "+" else x - y) >= 0
+        if op == "+":
+            assert int(a) <= int(b)
+    held_out_sums = {frozenset(numbers(p)) for p in held_out if p["fact"][0] == "+"}
+    train_sums = {frozenset(numbers(p)) for p in train if p["fact"][0] == "+"}
+    assert not held_out_sums & train_sums  # neither order of a held-out sum is trained on
+    assert "+ 3 4" in {p["fact"] for p in train}
     assert word_problems(held_out=True, size=10) == word_problems(held_out=True, size=10)
-    assert len(held_out_keys) > 60  # distinct (a, b) pairs, each in several wordings
 
 
 def test_word_problem_prompt_shows_one_worked_example():
