@@ -15,7 +15,9 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
     each micro-batch by its own token count); TRL's own "dapo" divides by the tokens of the
     whole generation batch, rescaled to one optimiser step.  CISPO is TRL's ``loss_type="cispo"``, whose
     token mean is over the generation batch too and whose ``epsilon_high`` is the cap on the
-    weight itself, 1 + ε_high: it matches minigrpo's cispo with "dapo" and one mini-batch.  A
+    weight itself, 1 + ε_high: it matches minigrpo's cispo with "dapo" and one mini-batch (its
+    logged ``cispo_clip_ratio`` counts capped tokens with Â > 0 only, minigrpo's
+    ``clip_frac_high`` every token the cap changed).  A
     TRL step is one optimiser step, so step counts are multiplied by the updates per rollout.
     TRL has no counterpart for α > 0, the k1/k2 estimators, shuffled rewards, the
     leave-one-out baseline, dynamic sampling, per-reward normalisation or the overlong penalty
