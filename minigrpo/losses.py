@@ -247,10 +247,10 @@ LENGTH_METRICS = ("completion_tokens_mean", "completion_tokens_pos_adv", "comple
 
 
 def length_metrics(mask: torch.Tensor, advantages: torch.Tensor) -> dict[str, float | None]:
-    """The mean completion length |o_i| = Σ_t m_{i,t} over the N completions, and the same over
+    """The mean completion length ℓ_i = Σ_t m_{i,t} (the length of o_i) over the N completions, and the same over
     those with Â > 0 and with Â < 0 (None if there are none): the lengths Dr. GRPO's
     length-bias argument is about."""
-    lengths = mask.sum(1).double()  # (N,) |o_i|
+    lengths = mask.sum(1).double()  # (N,) the lengths ℓ_i
     adv = advantages.detach()
     return {
         "completion_tokens_mean": lengths.mean().item(),
@@ -265,12 +265,12 @@ def loss_metrics(
 ) -> dict[str, float]:
     """Token statistics a practitioner watches, as in TRL (means over completion tokens).
 
-    clip_frac_low:  fraction with ρ < 1 − ε_low and Â < 0 (clipped from below)
-    clip_frac_high: fraction with ρ > 1 + ε_high and Â > 0 (clipped from above); under CISPO,
-                    whose cap acts on the weight whatever Â's sign, every token with ρ > 1 + ε_high
-                    (and nothing is clipped below)
-    clip_frac:      either; ratio_mean / ratio_min / ratio_max over the same tokens (1.0 if none);
-    advantages_abs_mean and zero_advantage_frac over the N completions; and ``length_metrics``.
+    - clip_frac_low: fraction with ρ < 1 − ε_low and Â < 0 (clipped from below);
+    - clip_frac_high: fraction with ρ > 1 + ε_high and Â > 0 (clipped from above); under CISPO,
+      whose cap acts on the weight whatever Â's sign, every token with ρ > 1 + ε_high (and
+      nothing is clipped below);
+    - clip_frac: either; ratio_mean / ratio_min / ratio_max over the same tokens (1.0 if none);
+    - advantages_abs_mean and zero_advantage_frac over the N completions; and ``length_metrics``.
     """
     ratio, adv = ratio.detach(), advantages.detach()[:, None]  # (N, T), (N, 1)
     if surrogate == "cispo":
