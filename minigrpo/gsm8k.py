@@ -78,7 +78,8 @@ def real_run(model: str = models.DEFAULT_MODEL, device: str = "cuda", lora_rank:
     """The chapter's configuration for one GPU (Colab T4 16 GB or larger).
 
     Per step: 8 prompts × G = 8 completions of ≤ 256 tokens, updated in 2 mini-batches of 32
-    sequences, scored 16 sequences per no-grad pass.  Evaluation: greedy, ≤ 512 tokens, the whole
+    sequences (two AdamW steps); every forward pass, no-grad scoring and the update's
+    micro-batches alike, runs at most 16 sequences (``rows_per_pass``).  Evaluation: greedy, ≤ 512 tokens, the whole
     test split.  LoRA (r = 32) keeps the reference free: it is the model with the adapter off;
     its learning rate is 2e-5, full fine-tuning's (``lora_rank=0``) 1e-6.
     """
