@@ -250,6 +250,7 @@ class GRPOTrainer:
         normalizer, n_rows = sum_over_ranks([aggregation_normalizer(mask, c.loss_type, c.max_new_tokens), len(rows)])
         if n_rows == 0:
             return None
+        normalizer = max(normalizer, 1)  # no token anywhere ("dapo"): the loss is 0, as in aggregate
         shared = shared_prefix_rows(self.model, c.group_size, c.shared_prefill)
         self.optimizer.zero_grad(set_to_none=True)
         pieces = []
@@ -261,11 +262,12 @@ class GRPOTrainer:
             )  # (n, T), (n, T)
             old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[r]
             ref = None if batch.ref_logprobs is None else batch.ref_logprobs[r]
-            self.loss(logprobs, old, advantages[r], mask[chunk], ref, entropy, max(normalizer, 1)).loss.backward()
+            self.loss(logprobs, old, advantages[r], mask[chunk], ref, entropy, normalizer).loss.backward()
             pieces.append((logprobs.detach(), old, ref, entropy.detach()))
-        return self.finish_update(batch, advantages, rows, mask, pieces, max(normalizer, 1))
+        return self.finish_update(batch, advantages, rows, mask, pieces, normalizer)
 
     def loss(self, logprobs, old, advantages, mask, ref, entropy, normalizer):
+        """``grpo_loss`` of these rows with the config's options, divided by ``normalizer``."""
         c = self.config
         return grpo_loss(
             logprobs, old, advantages, mask, ref_logprobs=ref, entropy=entropy, beta=c.beta, alpha=c.alpha,
