@@ -21,6 +21,7 @@ LoRA, π_ref is the same network with its adapter switched off — no second cop
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import importlib.util
@@ -345,6 +346,91 @@ def reference_model(policy):
     if is_lora(policy):
         return AdapterDisabled(policy)
     return copy.deepcopy(getattr(policy, "module", policy)).eval().requires_grad_(False)
+
+
+class Sampler:
+    """π_rollout, the inference engine's copy of the policy: a separate model that samples the
+    completions and scores them (``rollout(..., sampler=Sampler.model)``), in its own dtype and,
+    with a lag, with the policy's weights of some optimiser updates ago.
+
+    - ``dtype`` (None: the policy's): the copy's parameters are cast to it once, and after each
+      update the trainable ones are copied in again, cast, as an engine reloads the weights the
+      trainer sends it.  Buffers (RoPE's inverse frequencies) stay as they are.
+    - ``lag`` k ≥ 0: after the policy's update n the copy holds θ_{n−k} (θ_0, the weights it was
+      built from, while n < k).  The trainable weights of the k newest updates wait in ``queue``,
+      in ``dtype``, oldest first.
+
+    Memory: the copy's parameters in ``dtype``, except frozen ones already in ``dtype``, which
+    are the policy's own tensors, shared (they never change); plus k snapshots of the trainable
+    parameters in ``dtype``.  A full fine-tune sampled in bfloat16 costs half its float32 weights
+    plus k half-size snapshots; a LoRA policy sampled in its own dtype costs its adapter k + 1
+    times and nothing of the base.  A LoRA policy's sampler is an unmerged copy (the peft model,
+    adapter and all): syncing copies the adapter only, and generation merges it where it can
+    (``merged_lora``: float32 weights).
+    """
+
+    def __init__(self, policy, dtype: torch.dtype | None = None, lag: int = 0):
+        if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0:
+            raise ValueError(f"lag must be an int ≥ 0, got {lag!r}")
+        policy = getattr(policy, "module", policy)  # DDP's unwrap, inline: rollout imports this module
+        self.dtype = dtype or next(policy.parameters()).dtype
+        self.lag = lag
+        self.trainable = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]  # the policy's
+        shared = {id(p): p for p in policy.parameters() if not p.requires_grad and p.dtype == self.dtype}
+        self.model = copy.deepcopy(policy, shared).eval()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if id(p) not in shared:
+                    p.data = p.data.to(self.dtype)
+                p.requires_grad_(False)
+        held = dict(self.model.named_parameters())
+        self.held = [held[n] for n, _ in self.trainable]  # the copy's counterparts of the trainable weights
+        self.queue: collections.deque[list[torch.Tensor]] = collections.deque()
+
+    @torch.no_grad()
+    def updated(self) -> None:
+        """Call after each optimiser update of the policy: its trainable weights join the queue,
+        and the copy takes those of ``lag`` updates ago (lag 0: the current ones, at once)."""
+        current = [p.detach() for _, p in self.trainable]
+        if self.lag == 0:
+            self._hold(current)
+            return
+        self.queue.append([w.to(self.dtype, copy=True) for w in current])
+        if len(self.queue) > self.lag:
+            self._hold(self.queue.popleft())
+
+    @torch.no_grad()
+    def _hold(self, weights: list[torch.Tensor]) -> None:
+        for target, w in zip(self.held, weights):
+            target.copy_(w)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What resuming needs besides the policy: with lag > 0 the trainable weights the copy holds
+        (``held.<name>``) and the queue (``queue.<i>.<name>``, oldest first); with lag 0 nothing, the
+        copy being the policy's current weights, cast."""
+        if self.lag == 0:
+            return {}
+        state = {f"held.{n}": w.detach().clone() for (n, _), w in zip(self.trainable, self.held)}
+        for i, weights in enumerate(self.queue):
+            state.update({f"queue.{i}.{n}": w for (n, _), w in zip(self.trainable, weights)})
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` gave (with lag 0: take the policy's current weights)."""
+        if self.lag == 0:
+            self._hold([p.detach() for _, p in self.trainable])
+            return
+        names = [n for n, _ in self.trainable]
+        depth = len({k.split(".", 2)[1] for k in state if k.startswith("queue.")})
+        expected = {f"held.{n}" for n in names} | {f"queue.{i}.{n}" for i in range(depth) for n in names}
+        if set(state) != expected or depth > self.lag:
+            raise ValueError("the sampler state holds other weights than this policy trains with this lag")
+        self._hold([state[f"held.{n}"] for n in names])
+        device = self.held[0].device if self.held else None
+        self.queue = collections.deque(
+            [state[f"queue.{i}.{n}"].to(device, self.dtype) for n in names] for i in range(depth)
+        )
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -5,11 +5,19 @@ A rollout samples that group with the KV cache (``model.generate``), marks each 
 tokens up to and including its first EOS, and scores them, under ``no_grad``, with the policy
 (``old_logprobs``) and the frozen reference (``ref_logprobs``).
 
-Sampling is from exactly softmax(logits / τ), whatever checkpoint is loaded: ``generate``
-would otherwise inherit the checkpoint's ``generation_config`` (Qwen2.5-Instruct ships a
-repetition penalty of 1.1, top-k 20 and top-p 0.8), and the ratio, the KL and the entropy
-would be computed for a different distribution than the one sampled.  Generation stops on
-every EOS id the checkpoint declares.
+Sampling is from exactly softmax(truncate(logits / τ)), whatever checkpoint is loaded, where the
+truncation is the caller's top-k / top-p (``logprobs.truncate_logits``; by default none, so
+softmax(logits / τ)): ``generate`` would otherwise inherit the checkpoint's ``generation_config``
+(Qwen2.5-Instruct ships a repetition penalty of 1.1, top-k 20 and top-p 0.8), and the ratio, the
+KL and the entropy would be computed for a different distribution than the one sampled.  Every
+log-prob here is of the same truncated law.  Generation stops on every EOS id the checkpoint
+declares.
+
+Three policies when the sampler is a different program (``rollout(..., sampler=...)``): π_rollout,
+the sampler (an inference engine's copy of the weights, in lower precision or some updates old),
+draws the tokens and scores them (``rollout_logprobs``); π_θold, the trainer's policy at sampling
+time, scores the same tokens (``old_logprobs``); π_θ is trained.  ``losses.grpo_loss`` corrects
+for the gap between the first two.
 
 Shapes: P prompts, N = P·G sequences (rows i·G … i·G+G−1 are prompt i's group), L prompt
 positions (left-padded), T completion positions, V vocabulary.
@@ -40,6 +48,7 @@ class Rollout:
     ref_logprobs: torch.Tensor | None  # (N, T) log π_ref(o_t | q, o_<t); None: no reference
     completions: list[str]  # (N,) decoded completions, special tokens dropped
     answers: list[str]  # (N,) each prompt's gold answer, repeated G times
+    rollout_logprobs: torch.Tensor | None = None  # (N, T) log π_rollout(o_t | q, o_<t), float32; None: no sampler
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -111,10 +120,11 @@ def prefix_cache(model, prompt_ids, prompt_mask, group_size: int):
 @torch.no_grad()
 def sample_completions(
     model, tokenizer, prompt_ids, prompt_mask, *, group_size, temperature, max_new_tokens, greedy=False,
-    shared_prefill=False,
+    shared_prefill=False, top_k=0, top_p=1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``group_size`` completions per prompt from softmax(logits / τ) with the KV cache, rows
-    grouped by prompt; ``greedy=True`` takes the arg-max token instead (then G must be 1).
+    """``group_size`` completions per prompt from softmax(truncate_logits(logits / τ, top_k,
+    top_p)) with the KV cache, rows grouped by prompt (defaults: no truncation, softmax(logits /
+    τ)); ``greedy=True`` takes the arg-max token instead (then G must be 1).
     A LoRA policy samples with its adapter merged into its weights (``merged_lora``).
 
     ``shared_prefill=True`` runs each prompt (but its last token) through the model once and
@@ -126,7 +136,7 @@ def sample_completions(
     True where no EOS came within ``max_new_tokens`` (the completion was cut at the limit).
     """
     eos_ids = eos_token_ids(model, tokenizer)
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     with plain_generation_config(model, eos_ids, tokenizer.pad_token_id), merged_lora(model):
         cache = {}
         if shared_prefix_rows(model, group_size, shared_prefill) > 1 and prompt_ids.shape[1] > 1:
@@ -169,9 +179,11 @@ def row_chunks(n: int, rows_per_pass: int | None, rows_per_prompt: int = 1) -> l
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                        rows_per_prompt=1):
+                        rows_per_prompt=1, *, top_k=0, top_p=1.0):
     """Per-token log π(o_t | q, o_<t) and entropy at the completion positions, both (N, T),
-    for the distribution the completions are sampled from: π = softmax(logits / τ).
+    for the distribution the completions are sampled from: π = softmax(truncate_logits(logits / τ,
+    top_k, top_p)), by default softmax(logits / τ).  A token outside the top-k / top-p set gets a
+    finite log-prob (``logprobs.token_logprobs_and_entropy``), never −inf.
 
     One forward pass over [prompt, completion]; the logits that predict o_t sit one position
     earlier, so only the last T + 1 positions become logits (``logits_to_keep``), divided by τ in
@@ -209,20 +221,21 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     if temperature != 1.0:
         logits = logits.div_(temperature)
     targets = torch.nn.functional.pad(completion_ids, (0, 1))  # (N, T + 1): any id for the last
-    logprobs, entropy = token_logprobs_and_entropy(logits, targets)  # (N, T + 1) each
+    logprobs, entropy = token_logprobs_and_entropy(logits, targets, top_k=top_k, top_p=top_p)  # (N, T + 1) each
     return logprobs[:, :-1], entropy[:, :-1]  # (N, T), (N, T)
 
 
 @torch.no_grad()
 def score(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, rows_per_pass=None,
-          rows_per_prompt=1):
-    """log π(o_t | q, o_<t), (N, T), without gradients, ``rows_per_pass`` sequences per forward
-    pass (None: all at once), so the scoring passes never hold logits for all N rows.
+          rows_per_prompt=1, *, top_k=0, top_p=1.0):
+    """log π(o_t | q, o_<t), (N, T), float32 (float64 for a float64 model), without gradients, of
+    the law ``completion_logprobs`` scores (τ, top-k, top-p), ``rows_per_pass`` sequences per
+    forward pass (None: all at once), so the scoring passes never hold logits for all N rows.
     ``rows_per_prompt`` > 1: rows are whole groups and each prompt runs once
     (``completion_logprobs``); a pass then holds whole groups (``row_chunks``)."""
     parts = [
         completion_logprobs(model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows],
-                            temperature, rows_per_prompt)[0]
+                            temperature, rows_per_prompt, top_k=top_k, top_p=top_p)[0]
         for rows in row_chunks(completion_ids.shape[0], rows_per_pass, rows_per_prompt)
     ]  # fmt: skip
     return torch.cat(parts)  # (N, T)
@@ -240,6 +253,7 @@ def select_groups(batch: Rollout, groups: list[int], group_size: int) -> Rollout
         completion_ids=take(batch.completion_ids), completion_mask=take(batch.completion_mask),
         truncated=take(batch.truncated), old_logprobs=take(batch.old_logprobs), ref_logprobs=take(batch.ref_logprobs),
         completions=[batch.completions[i] for i in rows.tolist()], answers=[batch.answers[i] for i in rows.tolist()],
+        rollout_logprobs=take(batch.rollout_logprobs),
     )
 
 
@@ -265,6 +279,7 @@ def concat_rollouts(batches: list[Rollout], pad_token_id: int) -> Rollout:
         truncated=torch.cat([b.truncated for b in batches]),
         old_logprobs=cat("old_logprobs", T, False, 0.0), ref_logprobs=cat("ref_logprobs", T, False, 0.0),
         completions=[c for b in batches for c in b.completions], answers=[a for b in batches for a in b.answers],
+        rollout_logprobs=cat("rollout_logprobs", T, False, 0.0),
     )
 
 
@@ -289,29 +304,39 @@ def rollout(
     score_old: bool = True,
     rows_per_pass: int | None = None,
     shared_prefill: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    sampler=None,
 ) -> Rollout:
     """Sample a group of ``group_size`` completions for each example's prompt and score them.
 
-    Old log-probs come from ``model`` (π_θold = π_θ at sampling time) and reference log-probs
-    from ``ref_model``, at the sampling temperature, ``rows_per_pass`` sequences per forward
-    pass.  ``score_old=False`` skips the old pass and leaves ``old_logprobs`` None, for a trainer
-    whose only update runs at θ = θ_old and takes them from its own forward pass.
-    ``shared_prefill``: each prompt runs once per group, in sampling (``sample_completions``)
-    and in the scoring passes (``completion_logprobs``).
+    Tokens are drawn from softmax(truncate_logits(logits / τ, top_k, top_p)) (the defaults: no
+    truncation) and every log-prob is of that same law.  Old log-probs come from ``model``
+    (π_θold = π_θ at sampling time) and reference log-probs from ``ref_model``, ``rows_per_pass``
+    sequences per forward pass.  ``score_old=False`` skips the old pass and leaves
+    ``old_logprobs`` None, for a trainer whose only update runs at θ = θ_old and takes them from
+    its own forward pass.  ``shared_prefill``: each prompt runs once per group, in sampling
+    (``sample_completions``) and in the scoring passes (``completion_logprobs``).
+
+    ``sampler``: another model (a copy of the policy, in another dtype or some updates old, on
+    ``model``'s device), the inference engine: it draws the tokens and scores them, in its own
+    dtype, as ``rollout_logprobs`` (float32); ``model`` still scores ``old_logprobs``.  None: the
+    policy samples itself, ``rollout_logprobs`` is None.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be ≥ 1, got {group_size}")
+    drawer = model if sampler is None else sampler
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [ex["prompt"] for ex in examples], model_device(model))
     completion_ids, mask, truncated = sample_completions(
-        model, tokenizer, prompt_ids, prompt_mask,
+        drawer, tokenizer, prompt_ids, prompt_mask,
         group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens,
-        shared_prefill=shared_prefill,
+        shared_prefill=shared_prefill, top_k=top_k, top_p=top_p,
     )  # (N, T), (N, T), (N,)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # (N, L)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, L)
     def score_with(scorer):
         return score(scorer, prompt_ids, prompt_mask, completion_ids, mask, temperature, rows_per_pass,
-                     shared_prefix_rows(scorer, group_size, shared_prefill))
+                     shared_prefix_rows(scorer, group_size, shared_prefill), top_k=top_k, top_p=top_p)
 
     return Rollout(
         prompt_ids=prompt_ids,
@@ -323,6 +348,7 @@ def rollout(
         ref_logprobs=None if ref_model is None else score_with(ref_model),
         completions=decode_completions(tokenizer, completion_ids, mask),
         answers=[ex["answer"] for ex in examples for _ in range(group_size)],
+        rollout_logprobs=None if sampler is None else score_with(unwrap(sampler)),
     )
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import minigrpo.logprobs as logprobs_module
 from minigrpo.logprobs import token_entropy, token_logprobs, token_logprobs_and_entropy
@@ -158,3 +159,103 @@ def test_token_logprobs_needs_tokens():
         token_logprobs(torch.randn(2, 3), None)
     with pytest.raises(ValueError, match="logits"):
         token_entropy([[0.0, 1.0]])
+
+
+# ---------------------------------------------------------------- top-k / top-p truncation
+
+
+def warped(logits, top_k, top_p):
+    """transformers' own warpers, in generate's order (top-k, then top-p), min_tokens_to_keep = 1."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if top_k:
+        flat = TopKLogitsWarper(top_k)(None, flat)
+    if top_p < 1:
+        flat = TopPLogitsWarper(top_p)(None, flat)
+    return flat.view(logits.shape)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (1, 1.0), (3, 1.0), (40, 1.0), (0, 0.8), (0, 0.3), (0, 0.05),
+                                          (4, 0.8), (2, 0.99)])
+def test_truncate_logits_keeps_the_tokens_transformers_keeps(top_k, top_p):
+    """The same kept set as ``TopKLogitsWarper`` / ``TopPLogitsWarper`` on logits full of ties
+    (rounded to halves: equal values at the top-k boundary are all kept), k > V included."""
+    g = torch.Generator().manual_seed(4)
+    logits = (2 * torch.randn(50, 3, 12, generator=g)).round() / 2
+    got = logprobs_module.truncate_logits(logits, top_k, top_p)
+    assert torch.equal(got, warped(logits, top_k, top_p))
+    assert torch.isfinite(got).any(-1).all()  # at least one token always stays
+    if top_k == 0 and top_p == 1.0:
+        assert got is logits  # no truncation, no copy
+
+
+def naive_truncated(logits, tokens, top_k, top_p):
+    """log π and H of softmax(truncate(x)), the plain way (−inf outside the kept set)."""
+    logp = torch.log_softmax(warped(logits, top_k, top_p), -1)
+    p = logp.exp()
+    return logp.gather(-1, tokens[..., None]).squeeze(-1), -(p * logp.clamp(min=-1e4)).sum(-1)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.7), (5, 0.9)])
+def test_truncated_logprobs_entropy_and_gradients_match_naive(top_k, top_p):
+    """Kept tokens: log π and H of the truncated, renormalised law, gradients as the naive code's
+    (float64); the chunked pass gets the same values in float32 as in float64 up to rounding."""
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(4, 6, 11, generator=g, dtype=torch.float64)).requires_grad_()
+    kept = torch.isfinite(warped(logits.detach(), top_k, top_p))  # (4, 6, 11)
+    tokens = torch.multinomial(kept.view(-1, 11).double(), 1, generator=g).view(4, 6)  # kept tokens only
+    w1, w2 = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    lp, h = token_logprobs_and_entropy(logits, tokens, top_k=top_k, top_p=top_p)
+    got = torch.autograd.grad((w1 * lp + w2 * h).sum(), logits)[0]
+    want_lp, want_h = naive_truncated(logits, tokens, top_k, top_p)
+    want = torch.autograd.grad((w1 * want_lp + w2 * want_h).sum(), logits)[0]
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h, want_h, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got[~kept] == 0).all()  # a truncated logit has no say in the truncated law
+    torch.testing.assert_close(token_logprobs(logits, tokens, top_k=top_k, top_p=top_p), want_lp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(token_entropy(logits, top_k=top_k, top_p=top_p), want_h, rtol=0, atol=1e-12)
+    lp32, h32 = token_logprobs_and_entropy(logits.detach().float(), tokens, top_k=top_k, top_p=top_p)
+    torch.testing.assert_close(lp32.double(), want_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h32.double(), want_h, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_a_token_outside_the_kept_set_is_finite(dtype):
+    """A token the truncation drops (π = 0) gets log π(top) − (x_top − x_o), not −inf: finite,
+    below every kept token's log-prob, with the gradient onehot(o) − π of the truncated π."""
+    logits = torch.tensor([[4.0, 3.0, 1.0, -2.0, 0.5]], dtype=dtype).requires_grad_()
+    tokens = torch.tensor([3])  # far outside top-2
+    lp, h = token_logprobs_and_entropy(logits, tokens, top_k=2)
+    x = logits.detach().double()[0]
+    kept = torch.log_softmax(x[:2], -1)  # the truncated law over tokens 0 and 1
+    assert torch.isfinite(lp).all() and torch.isfinite(h).all()
+    assert lp.item() == pytest.approx((kept[0] - (x[0] - x[3])).item(), abs=1e-5)
+    assert lp.item() < kept.min().item()
+    (lp.sum() + h.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+    p = torch.cat([kept.exp(), torch.zeros(3, dtype=torch.float64)])
+    onehot = torch.nn.functional.one_hot(tokens, 5)[0].double()
+    dh = -p * (torch.cat([kept, torch.zeros(3, dtype=torch.float64)]) + h.detach().double())
+    torch.testing.assert_close(logits.grad[0].double(), onehot - p + dh, rtol=0, atol=1e-2 if dtype == torch.bfloat16
+                               else 1e-6)
+
+
+def test_truncation_gradcheck_float64():
+    """Away from the nucleus boundary the truncated log-prob and entropy are smooth: gradcheck,
+    kept and dropped tokens alike."""
+    g = torch.Generator().manual_seed(6)
+    logits = (2 * torch.randn(2, 3, 7, generator=g, dtype=torch.float64)).requires_grad_()
+    tokens = torch.randint(0, 7, (2, 3), generator=g)
+    for k, p in ((3, 1.0), (0, 0.6)):
+        def f(x, k=k, p=p):
+            return token_logprobs_and_entropy(x, tokens, top_k=k, top_p=p)
+
+        assert torch.autograd.gradcheck(f, (logits,))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(-1, 1.0), (2.0, 1.0), (True, 1.0), (0, 0.0), (0, 1.5), (0, "0.9")])
+def test_bad_truncation(top_k, top_p):
+    with pytest.raises(ValueError, match="top_k" if top_p == 1.0 else "top_p"):
+        token_logprobs_and_entropy(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), top_k=top_k, top_p=top_p)
+    with pytest.raises(ValueError, match="top_k" if top_p == 1.0 else "top_p"):
+        logprobs_module.truncate_logits(torch.randn(2, 5), top_k, top_p)

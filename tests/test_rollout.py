@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from minigrpo.logprobs import token_logprobs
-from minigrpo.models import prepare_for_training
+from minigrpo.logprobs import token_logprobs, truncate_logits
+from minigrpo.losses import grpo_loss
+from minigrpo.models import Sampler, prepare_for_training
 from minigrpo.rollout import (
     completion_logprobs,
     completion_mask,
+    concat_rollouts,
     decode_completions,
     eos_token_ids,
     greedy_completions,
@@ -16,6 +18,7 @@ from minigrpo.rollout import (
     rollout,
     sample_completions,
     score,
+    select_groups,
     tokenize_prompts,
 )
 from minigrpo.tiny import TinyModelConfig, build_model, build_tokenizer
@@ -406,3 +409,167 @@ def test_prompts_are_left_padded_whatever_the_tokenizer_says():
         tokenizer.padding_side = "left"
     assert mask[:, -1].tolist() == [1, 1] and mask[0, 0] == 0
     assert ids[0, -4:].tolist() == tokenizer("1+2=")["input_ids"][-4:]
+
+
+# ---------------------------------------------------------------- top-k / top-p, scored consistently
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.8)])
+def test_samples_follow_the_truncated_law_whatever_the_generation_config(top_k, top_p):
+    """With top-k / top-p asked for, first-token frequencies over 4,000 samples match
+    softmax(truncate_logits(logits / τ)) (4σ ≤ 0.03) and no dropped token is ever drawn, though
+    the checkpoint asks for top-k 2, top-p 0.5, a repetition penalty and suppressed tokens."""
+    model, tokenizer = small_world()
+    hostile(model)
+    tau, n = 0.7, 4000
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["1+2="])
+    torch.manual_seed(0)
+    ids, _, _ = sample_completions(model, tokenizer, prompt_ids, prompt_mask, group_size=n, temperature=tau,
+                                   max_new_tokens=1, top_k=top_k, top_p=top_p)
+    frequencies = torch.bincount(ids[:, 0], minlength=len(tokenizer)) / n
+    with torch.no_grad():
+        expected = torch.softmax(truncate_logits(model(input_ids=prompt_ids).logits[0, -1] / tau, top_k, top_p), -1)
+    assert (frequencies - expected).abs().max() < 0.03
+    assert (frequencies[expected == 0] == 0).all() and (expected == 0).sum() >= 3  # some tokens were dropped
+    assert (frequencies > 0).sum() > 2  # the checkpoint's top-k 2 was not applied
+
+
+def direct_logits(model, batch, i, temperature):
+    """Row i's unpadded [prompt, completion] run alone: its completion tokens (n,) and the logits
+    / τ that predict them (n, V)."""
+    prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+    completion = batch.completion_ids[i][batch.completion_mask[i].bool()]
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1 : -1]
+    return completion, logits / temperature
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.8), (4, 0.9)])
+def test_sampled_tokens_are_kept_and_scored_under_the_truncation(top_k, top_p):
+    """Every sampled token is inside the truncated set of the logits that drew it, so its
+    log-prob is finite; old and reference log-probs are log softmax(truncate(logits / τ)), the
+    law sampled from, at every token."""
+    model, tokenizer = small_world()
+    ref, _ = small_world(seed=1)
+    tau = 0.7
+    torch.manual_seed(2)
+    batch = rollout(model, tokenizer, EXAMPLES, group_size=4, max_new_tokens=5, ref_model=ref, temperature=tau,
+                    top_k=top_k, top_p=top_p)
+    on = batch.completion_mask.bool()
+    assert torch.isfinite(batch.old_logprobs).all() and torch.isfinite(batch.ref_logprobs).all()
+    for i in range(batch.completion_ids.shape[0]):
+        completion, logits = direct_logits(model, batch, i, tau)
+        truncated = truncate_logits(logits, top_k, top_p)  # (n, V)
+        assert torch.isfinite(truncated.gather(-1, completion[:, None])).all()  # drawn from the kept set
+        expected = torch.log_softmax(truncated, -1).gather(-1, completion[:, None]).squeeze(-1)
+        torch.testing.assert_close(batch.old_logprobs[i][on[i]], expected, rtol=0, atol=1e-5)
+        _, ref_logits = direct_logits(ref, batch, i, tau)
+        expected_ref = token_logprobs(ref_logits, completion, top_k=top_k, top_p=top_p)
+        torch.testing.assert_close(batch.ref_logprobs[i][on[i]], expected_ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.8)])
+def test_the_ratio_is_one_at_the_first_update_only_when_scored_with_the_truncation(top_k, top_p):
+    """τ = 0.7 with top-p 0.8 (or top-k 3): at the first update π_θ = π_old, and
+    ρ = exp(log π_θ − log π_old) is exactly 1 when the update scores the tokens under the same
+    truncation.  Scored without it (softmax(logits / τ), the trap), every sampled token's
+    probability is divided by the kept mass no longer: ρ < 1 at every token, by a margin."""
+    model, tokenizer = small_world()
+    tau = 0.7
+    torch.manual_seed(3)
+    batch = rollout(model, tokenizer, EXAMPLES, group_size=4, max_new_tokens=5, temperature=tau,
+                    top_k=top_k, top_p=top_p)
+    on = batch.completion_mask.bool()
+    args = (model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, tau)
+    logprobs, _ = completion_logprobs(*args, top_k=top_k, top_p=top_p)  # the update's forward pass
+    ratio = torch.exp(logprobs.detach() - batch.old_logprobs)[on]
+    assert (ratio == 1).all()
+    untruncated, _ = completion_logprobs(*args)
+    trap = torch.exp(untruncated - batch.old_logprobs)[on]
+    assert (trap < 0.99).all()
+
+
+def test_a_token_outside_the_current_nucleus_gives_a_finite_loss_and_gradient():
+    """Tokens drawn under top-k 3 from one model and scored, with the same truncation, by another
+    (θ has moved): some fall outside its top 3; their log-probs are finite, and the whole
+    objective (clipped ratio, k3 KL to the sampling model, entropy) and its gradient are too."""
+    model, tokenizer = small_world()
+    moved, _ = small_world(seed=1)
+    tau, top_k = 0.7, 3
+    torch.manual_seed(4)
+    batch = rollout(model, tokenizer, EXAMPLES, group_size=4, max_new_tokens=5, temperature=tau, top_k=top_k)
+    outside = 0
+    for i in range(batch.completion_ids.shape[0]):
+        completion, logits = direct_logits(moved, batch, i, tau)
+        outside += torch.isinf(truncate_logits(logits, top_k).gather(-1, completion[:, None])).sum().item()
+    assert outside > 0
+    moved.train()
+    logprobs, entropy = completion_logprobs(moved, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                            batch.completion_mask, tau, top_k=top_k)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * len(EXAMPLES))
+    out = grpo_loss(logprobs, batch.old_logprobs, advantages, batch.completion_mask.bool(),
+                    ref_logprobs=batch.old_logprobs, entropy=entropy, beta=0.04, alpha=0.01)
+    assert torch.isfinite(logprobs).all() and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in moved.parameters())
+
+
+# ---------------------------------------------------------------- a sampler that is a different program
+
+
+def test_a_float32_sampler_draws_and_scores_what_the_policy_would():
+    """A separate float32 copy as the sampler uses the RNG as the policy would: the same tokens
+    under the same seed, the same old log-probs, and rollout log-probs equal to them up to 1e-6
+    (the same weights, dtype and operations, but held in other memory: under the tests' pinned
+    CPU numerics, MKL's matrix products round by alignment, a few ulps; 2.4e-7 measured at
+    |log π| ≈ 2.5).  Without a sampler they are None."""
+    model, tokenizer = small_world()
+    sampler = Sampler(model)
+    kwargs = {"group_size": 3, "max_new_tokens": 5, "temperature": 0.7, "top_p": 0.8}
+    torch.manual_seed(5)
+    plain = rollout(model, tokenizer, EXAMPLES, **kwargs)
+    torch.manual_seed(5)
+    separate = rollout(model, tokenizer, EXAMPLES, sampler=sampler.model, **kwargs)
+    assert plain.rollout_logprobs is None
+    assert torch.equal(plain.completion_ids, separate.completion_ids)
+    assert torch.equal(plain.old_logprobs, separate.old_logprobs)
+    torch.testing.assert_close(separate.rollout_logprobs, separate.old_logprobs, rtol=0, atol=1e-6)
+    assert separate.rollout_logprobs.dtype == torch.float32
+
+
+def test_a_bfloat16_sampler_scores_its_own_law():
+    """The sampler in bfloat16 scores the tokens in bfloat16, upcast to float32: they differ from
+    the float32 policy's old log-probs by a little (bfloat16 keeps 8 bits of mantissa) but not
+    nothing, and they are the bfloat16 model's log-probs (a direct pass of it)."""
+    model, tokenizer = small_world()
+    sampler = Sampler(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in sampler.model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the policy is untouched
+    tau = 0.7
+    torch.manual_seed(6)
+    batch = rollout(model, tokenizer, EXAMPLES, group_size=4, max_new_tokens=5, temperature=tau,
+                    sampler=sampler.model, top_p=0.9)
+    on = batch.completion_mask.bool()
+    assert batch.rollout_logprobs.dtype == torch.float32 and torch.isfinite(batch.rollout_logprobs).all()
+    gap = (batch.rollout_logprobs - batch.old_logprobs)[on].abs()
+    assert 0 < gap.max() < 0.1
+    i = 0
+    completion, logits = direct_logits(sampler.model, batch, i, tau)
+    torch.testing.assert_close(batch.rollout_logprobs[i][on[i]], token_logprobs(logits, completion, top_p=0.9),
+                               rtol=0, atol=2e-2)
+
+
+def test_select_groups_and_concat_rollouts_carry_rollout_logprobs():
+    model, tokenizer = small_world()
+    torch.manual_seed(7)
+    batch = rollout(model, tokenizer, EXAMPLES, group_size=2, max_new_tokens=4, sampler=Sampler(model).model)
+    picked = select_groups(batch, [2, 0], 2)
+    torch.testing.assert_close(picked.rollout_logprobs, batch.rollout_logprobs[[4, 5, 0, 1]])
+    short = rollout(model, tokenizer, EXAMPLES[:1], group_size=2, max_new_tokens=1, sampler=Sampler(model).model)
+    both = concat_rollouts([short, picked], tokenizer.pad_token_id)
+    T = picked.completion_ids.shape[1]
+    assert both.rollout_logprobs.shape == (6, T)
+    assert (both.rollout_logprobs[:2, 1:] == 0).all()  # padding: log-prob 0, mask 0
+    torch.testing.assert_close(both.rollout_logprobs[2:], picked.rollout_logprobs)
+    plain = rollout(model, tokenizer, EXAMPLES[:1], group_size=2, max_new_tokens=1)
+    assert concat_rollouts([plain, short], tokenizer.pad_token_id).rollout_logprobs is None
