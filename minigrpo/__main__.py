@@ -9,9 +9,11 @@
     python -m minigrpo gsm8k --smoke --out runs/gsm8k-smoke.json                        # CPU check
     python -m minigrpo small-model --seed 0 --out runs/small-model.json   # SmolLM2 learning on a CPU
     torchrun --nproc-per-node 2 -m minigrpo arithmetic --seed 0 --out r.json   # DDP, gloo on CPU
+    python -m minigrpo doctor runs/seed0.json     # the run doctor: symptoms, causes, fixes
 
 This module only parses arguments: the runs are ``minigrpo.arithmetic.run_arithmetic`` and
-``minigrpo.gsm8k.run_gsm8k`` (GSM8K and the small-model run); ``--set NAME=VALUE`` overrides a ``GRPOConfig`` field (its type
+``minigrpo.gsm8k.run_gsm8k`` (GSM8K and the small-model run), the diagnosis
+``minigrpo.doctor.diagnose``; ``--set NAME=VALUE`` overrides a ``GRPOConfig`` field (its type
 is checked), ``--warmup-set`` a ``WarmupConfig`` field.
 """
 
@@ -32,6 +34,7 @@ from minigrpo import gsm8k
 from minigrpo.arithmetic import TINY_GRPO, TINY_WARMUP, WarmupConfig, run_arithmetic
 from minigrpo.config import GRPOConfig
 from minigrpo.distributed import dist_info, init_distributed
+from minigrpo.doctor import diagnose, format_report, load_run
 
 
 def _accepts(hint, value) -> bool:
@@ -122,6 +125,13 @@ def small_model_command(args) -> dict:
     return result
 
 
+def doctor_command(args) -> None:
+    """Print the run doctor's report on a finished (or running) run; any symptoms or none, the
+    exit status is 0."""
+    history, evals = load_run(args.path)
+    print(format_report(diagnose(history, evals)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minigrpo", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -166,11 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a GRPOConfig field")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 per rank under torchrun)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = subparsers.add_parser("doctor", help="symptoms of a silently broken run, their likely causes and fixes")
+    p.add_argument("path", metavar="RUN", help="a result JSON of the commands above, a metrics.jsonl, or its folder")
+    p.set_defaults(run=doctor_command)
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run a command; a training command returns its result (also written to ``--out``)."""
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        return args.run(args)
     init_distributed()
     rank, world_size = dist_info()
     torch.set_num_threads(args.threads or max(1, 2 // world_size))
