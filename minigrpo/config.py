@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from minigrpo.advantages import BASELINES, SCALES
-from minigrpo.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SURROGATES
+from minigrpo.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SURROGATES, check_rollout_options
 from minigrpo.metrics import METRICS
 from minigrpo.rewards import exact_match_reward
 
@@ -90,6 +90,14 @@ class GRPOConfig:
     """the per-token policy loss: "clip" (PPO/GRPO) or "cispo" (MiniMax-M1: a capped, stop-gradient weight ρ ≤ 1 + ε_high; every token keeps its gradient)"""
     mask_truncated: bool = False
     """overlong filtering (DAPO): completions cut at max_new_tokens, with no EOS, are masked out of the loss"""
+    rollout_correction: str | None = None
+    """weigh the policy gradient by w = π_old/π_rollout (TRL's vllm_importance_sampling_mode): None (off), "token_truncate"/"sequence_truncate" (w clamped to [C_min, C_max]) or "token_mask"/"sequence_mask" (w = 0 outside; TRL's default "sequence_mask")"""
+    rollout_ratio_min: float | None = None
+    """C_min > 0, lower bound on w (TRL's vllm_importance_sampling_clip_min); None: none (TRL's default); e.g. 0.5"""
+    rollout_ratio_max: float | None = 3.0
+    """C_max > 0, upper bound on w (TRL's vllm_importance_sampling_clip_max); None: none; typical 2–10 (TRL: 3)"""
+    off_policy_mask_threshold: float | None = None
+    """δ, DeepSeek-V3.2's off-policy mask (TRL's off_policy_mask_threshold): no policy gradient for o_i with Â < 0 and mean log(π_rollout/π_θ) > δ; None: off; e.g. 0.5"""
 
     # --- the optimiser (AdamW)
     lr: float = 1e-4
@@ -150,6 +158,8 @@ class GRPOConfig:
             raise ValueError("advantage_baseline='leave_one_out' needs group_size >= 2")
         if self.surrogate == "cispo" and self.ratio_level != "token":
             raise ValueError("surrogate='cispo' needs ratio_level='token'")
+        check_rollout_options(self.rollout_correction, self.rollout_ratio_min, self.rollout_ratio_max,
+                              self.off_policy_mask_threshold)
         for name in ("beta", "alpha", "weight_decay", "eps_high"):
             check_number(self, name, float, low=0, optional=name == "eps_high")
         check_number(self, "eps_low", float, low=0, high=1)

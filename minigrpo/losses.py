@@ -23,6 +23,7 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 RATIO_LEVELS = ("token", "sequence")
 SURROGATES = ("clip", "cispo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 CISPO_EPS_HIGH = 4.0
 """CISPO's default ε_high: the weight is capped at 1 + 4 = 5, ScaleRL's ε_max = 5 (Khatri et al.,
 2025, arXiv:2510.13786), the value TRL 1.16's ``GRPOConfig`` recommends for ``loss_type="cispo"``
@@ -67,6 +68,26 @@ def _check_coef(value: float, name: str, upper: float = math.inf) -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or not 0 <= value < upper:
         raise ValueError(f"{name} must be a finite float in [0, {upper}), got {value!r}")
+
+
+def check_rollout_options(rollout_correction: str | None, rollout_ratio_min: float | None,
+                          rollout_ratio_max: float | None, off_policy_mask_threshold: float | None) -> None:
+    """The rollout-correction settings (``grpo_loss``'s and ``GRPOConfig``'s, same names): a mode
+    in ``ROLLOUT_CORRECTIONS`` or None; each bound None or a finite number > 0, C_min ≤ C_max; δ
+    None or finite.  ``ValueError`` naming the argument otherwise."""
+    if rollout_correction is not None:
+        _check_choice(rollout_correction, ROLLOUT_CORRECTIONS, "rollout_correction")
+    for name, value in (("rollout_ratio_min", rollout_ratio_min), ("rollout_ratio_max", rollout_ratio_max)):
+        ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                               and math.isfinite(value) and value > 0)
+        if not ok:
+            raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+    if rollout_ratio_min is not None and rollout_ratio_max is not None and rollout_ratio_min > rollout_ratio_max:
+        raise ValueError(f"rollout_ratio_min ({rollout_ratio_min}) must be <= rollout_ratio_max ({rollout_ratio_max})")
+    delta = off_policy_mask_threshold
+    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, numbers.Real)
+                              or not math.isfinite(delta)):
+        raise ValueError(f"off_policy_mask_threshold must be None or a finite number, got {delta!r}")
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +238,62 @@ def cispo_surrogate(
     return -weight * advantages[:, None] * logprobs
 
 
+def _nan_to_zero(x: torch.Tensor) -> torch.Tensor:
+    """NaN → 0, nothing else changed (a rollout log-prob the sampler could not give is NaN)."""
+    return torch.where(torch.isnan(x), 0.0, x)
+
+
+def rollout_weight(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, rollout_correction: str,
+    rollout_ratio_min: float | None = None, rollout_ratio_max: float | None = 3.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout (sampler) correction w, [N, T], and where the bounds changed it, [N, T] bool.
+
+    The sampler π_rollout drew the tokens; the trainer's π_old recomputes their log-probs.  With
+    d_{i,t} = m·(log π_old(o_{i,t}) − log π_rollout(o_{i,t})), and d = 0 where the rollout
+    log-prob is NaN (the sampler gave none):
+
+        "token_*":     w_{i,t} = exp(d_{i,t})
+        "sequence_*":  w_i = exp(Σ_t d_{i,t}), the same for every t (a sum, not GSPO's mean)
+        "*_truncate":  w ← clamp(w, C_min, C_max)                       (truncated IS, TIS)
+        "*_mask":      w ← 0 where w < C_min or w > C_max, else w       (masked IS, MIS)
+
+    C_min = ``rollout_ratio_min``, C_max = ``rollout_ratio_max``; None is no bound.  A NaN token
+    has w = 1 whenever C_min ≤ 1 ≤ C_max (the bounds still apply to it, as in TRL).  w is a
+    constant (detached): ``grpo_loss`` multiplies the policy-gradient term by it, token by token.
+    TRL 1.16's ``vllm_importance_sampling_*`` (``GRPOTrainer._generate_and_score_completions``).
+    Inputs must be finite on padded positions (``grpo_loss`` zeroes them).
+    """
+    d = _nan_to_zero(torch.where(mask, old_logprobs.detach() - rollout_logprobs.detach(), 0.0))  # (N, T)
+    if rollout_correction.startswith("sequence"):
+        d = d.sum(1, keepdim=True).expand_as(d)  # (N, T), Σ_t d_{i,t} on every t
+    w = d.exp()
+    lo = -math.inf if rollout_ratio_min is None else rollout_ratio_min
+    hi = math.inf if rollout_ratio_max is None else rollout_ratio_max
+    outside = (w < lo) | (w > hi)  # (N, T) bool: the tokens the bounds change
+    if rollout_correction.endswith("truncate"):
+        return w.clamp(lo, hi), outside
+    return torch.where(outside, 0.0, w), outside
+
+
+def off_policy_mask(
+    logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    off_policy_mask_threshold: float,
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (eq. 9), [N] bool, True = keep:
+
+        keep_i = Â_i ≥ 0  or  Σ_t m·(log π_rollout(o_{i,t}) − sg(log π_θ(o_{i,t}))) / max(Σ_t m, 1) ≤ δ
+
+    The mean log-prob gap is a sample estimate of KL(π_rollout ‖ π_θ) on completion i: a completion
+    with a negative advantage that the current policy has drifted far from (gap > δ) is dropped.
+    A NaN rollout log-prob adds 0 to the sum and still counts in Σ_t m (as in TRL 1.16's
+    ``GRPOTrainer.get_off_policy_mask``).  δ = ``off_policy_mask_threshold`` (TRL's name; 0.5 e.g.).
+    """
+    gap = _nan_to_zero(torch.where(mask, rollout_logprobs.detach() - logprobs.detach(), 0.0))  # (N, T)
+    mean_gap = gap.sum(1) / mask.sum(1).clamp(min=1)  # (N,)
+    return (advantages >= 0) | (mean_gap <= off_policy_mask_threshold)
+
+
 # --------------------------------------------------------------------------- the whole loss
 
 
@@ -291,6 +368,54 @@ def loss_metrics(
     }
 
 
+ROLLOUT_METRICS = ("sampling_logp_difference_mean", "sampling_logp_difference_max", "sampling_seq_log_ratio_std",
+                   "importance_sampling_ratio_min", "importance_sampling_ratio_mean", "importance_sampling_ratio_max",
+                   "importance_sampling_out_of_bounds_frac", "off_policy_masked_frac")
+
+
+def rollout_metrics(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor | None, mask: torch.Tensor,
+    w: torch.Tensor | None = None, outside: torch.Tensor | None = None, sequence_level: bool = False,
+    keep: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """How far the sampler is from the trainer, and what the corrections did (TRL 1.16's
+    ``sampling/…`` metrics, flattened, plus three of ours).  With rollout log-probs:
+
+    - sampling_logp_difference_mean / _max: |log π_rollout − log π_old| over completion tokens
+      (tokens whose rollout log-prob is NaN left out; 0.0 if none);
+    - sampling_seq_log_ratio_std: the std (population, over the completions that have tokens) of
+      Σ_t m·(log π_old − log π_rollout), the log of the sequence-level weight before any bound;
+
+    with a correction (``w`` [N, T] and ``outside`` from ``rollout_weight``):
+
+    - importance_sampling_ratio_min / _mean / _max: w after its bounds, over completion tokens,
+      or with ``sequence_level`` over the completions that have tokens, one w each (1.0 if none);
+    - importance_sampling_out_of_bounds_frac: completion tokens whose w the bounds clamped
+      ("*_truncate") or zeroed ("*_mask");
+
+    and with the off-policy mask (``keep`` [N] from ``off_policy_mask``), whether or not there
+    are rollout log-probs: off_policy_masked_frac, the fraction of the N completions it drops.
+    """
+    out = {}
+    if rollout_logprobs is not None:
+        diff = (rollout_logprobs - old_logprobs).detach()  # (N, T)
+        gap = diff[mask & ~torch.isnan(diff)].abs()  # (tokens,)
+        seq_log_ratio = -_nan_to_zero(torch.where(mask, diff, 0.0)).sum(1)[mask.any(1)]  # (N',)
+        out["sampling_logp_difference_mean"] = gap.mean().item() if gap.numel() else 0.0
+        out["sampling_logp_difference_max"] = gap.max().item() if gap.numel() else 0.0
+        out["sampling_seq_log_ratio_std"] = seq_log_ratio.std(correction=0).item() if seq_log_ratio.numel() else 0.0
+    if w is not None:
+        first = mask & (mask.cumsum(1) == 1)  # (N, T): each non-empty completion's first token
+        values = w[first] if sequence_level else w[mask]  # one w per completion, or per token
+        out["importance_sampling_ratio_min"] = values.min().item() if values.numel() else 1.0
+        out["importance_sampling_ratio_mean"] = values.mean().item() if values.numel() else 1.0
+        out["importance_sampling_ratio_max"] = values.max().item() if values.numel() else 1.0
+        out["importance_sampling_out_of_bounds_frac"] = _masked_mean(outside.to(w.dtype), mask)
+    if keep is not None:
+        out["off_policy_masked_frac"] = (~keep).double().mean().item()
+    return out
+
+
 def _check_grpo_inputs(logprobs, old_logprobs, advantages, ref_logprobs, entropy, beta, alpha,
                        eps_low, eps_high, loss_type, ratio_level, kl_estimator, surrogate,
                        kl_bias_correction) -> None:  # fmt: skip
@@ -341,12 +466,21 @@ def grpo_loss(
     surrogate: str = "clip",
     kl_bias_correction: bool = False,
     normalizer: float | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    rollout_correction: str | None = None,
+    rollout_ratio_min: float | None = None,
+    rollout_ratio_max: float | None = 3.0,
+    off_policy_mask_threshold: float | None = None,
 ) -> LossOutput:
     """The GRPO objective on one batch of completions.
 
         loss = agg(pg) + β · agg(kl) − α · agg(H)
         pg_{i,t} = −min(ρ Â_i, clip(ρ, 1 − ε_low, 1 + ε_high) Â_i)      (``clipped_surrogate``)
         kl_{i,t} = k3(log π_θ, log π_ref)                               (``kl_penalty``)
+
+    With a rollout correction and/or the off-policy mask, the policy-gradient term becomes
+    w_{i,t} · keep_i · pg_{i,t} before aggregation (w from ``rollout_weight``, keep from
+    ``off_policy_mask``, both constants); the KL and entropy terms are never weighted.
 
     Args:
         logprobs: [N, T] log π_θ(o_{i,t} | q, o_{i,<t}), differentiable.
@@ -378,6 +512,19 @@ def grpo_loss(
             batch, the whole batch's denominator, ``aggregation_normalizer`` summed over its
             pieces; every term is then divided by it (see ``aggregate``), so the pieces' losses
             add up to the whole batch's loss, and their gradients to its gradient.
+        rollout_logprobs: [N, T] log π_rollout, the sampler's own log-probs of the tokens (an
+            inference engine's, or stale weights'); NaN where it gave none, never ±inf on a
+            completion token.  Given, the metrics report the mismatch (``rollout_metrics``).
+        rollout_correction: None, "token_truncate", "token_mask", "sequence_truncate" or
+            "sequence_mask": weigh pg by w = π_old/π_rollout per token or per sequence, clamped
+            to or masked outside [C_min, C_max] (``rollout_weight``; TRL's
+            ``vllm_importance_sampling_mode``).  Needs ``rollout_logprobs``.
+        rollout_ratio_min: C_min > 0 or None (no lower bound; TRL's default).
+        rollout_ratio_max: C_max > 0 or None (no upper bound); TRL's default 3.0.
+        off_policy_mask_threshold: δ of DeepSeek-V3.2's off-policy sequence mask
+            (``off_policy_mask``), e.g. 0.5: a completion with Â < 0 whose mean log-prob gap
+            log π_rollout − log π_θ exceeds δ gets no policy gradient; ``old_logprobs`` stand in
+            for ``rollout_logprobs`` when those are None (as in TRL).  None: off.
     Returns:
         ``LossOutput``; the KL (entropy) term is reported whenever ref_logprobs (entropy) is
         given and enters the loss only when beta (alpha) > 0.
@@ -386,13 +533,21 @@ def grpo_loss(
                        eps_low, eps_high, loss_type, ratio_level, kl_estimator, surrogate,
                        kl_bias_correction)  # fmt: skip
     m = check_mask(mask, logprobs.shape)  # (N, T) bool
+    check_rollout_options(rollout_correction, rollout_ratio_min, rollout_ratio_max, off_policy_mask_threshold)
+    if rollout_logprobs is not None:
+        _check_tensor(rollout_logprobs, "rollout_logprobs", logprobs.shape)
+        if torch.isinf(rollout_logprobs[m]).any():
+            raise ValueError("rollout_logprobs must not be ±inf on a completion token (NaN: the sampler gave none)")
+    elif rollout_correction is not None:
+        raise ValueError(f"rollout_correction={rollout_correction!r} needs rollout_logprobs (the sampler's log-probs)")
     if eps_high is None:
         eps_high = CISPO_EPS_HIGH if surrogate == "cispo" else eps_low
 
     def clean(x):  # padded positions → 0 before anything else
         return None if x is None else torch.where(m, _upcast(x), 0.0)
 
-    logprobs, old_logprobs, ref_logprobs, entropy = map(clean, (logprobs, old_logprobs, ref_logprobs, entropy))
+    logprobs, old_logprobs, ref_logprobs, entropy, rollout_logprobs = map(
+        clean, (logprobs, old_logprobs, ref_logprobs, entropy, rollout_logprobs))
     advantages = _upcast(advantages).detach().to(logprobs.dtype)
 
     def agg(x):
@@ -400,11 +555,23 @@ def grpo_loss(
 
     ratio = importance_ratio(logprobs, old_logprobs, m, ratio_level)  # (N, T)
     if surrogate == "clip":
-        policy_loss = agg(clipped_surrogate(ratio, advantages, eps_low, eps_high))
+        pg = clipped_surrogate(ratio, advantages, eps_low, eps_high)  # (N, T)
         metrics = loss_metrics(ratio, advantages, m, eps_low, eps_high)
     else:  # no lower clip
-        policy_loss = agg(cispo_surrogate(ratio, logprobs, advantages, eps_high))
+        pg = cispo_surrogate(ratio, logprobs, advantages, eps_high)  # (N, T)
         metrics = loss_metrics(ratio, advantages, m, eps_low, eps_high, surrogate)
+    w = outside = keep = None
+    if rollout_correction is not None:
+        w, outside = rollout_weight(old_logprobs, rollout_logprobs, m, rollout_correction,
+                                    rollout_ratio_min, rollout_ratio_max)  # (N, T), constants
+        pg = w * pg
+    if off_policy_mask_threshold is not None:
+        sampled = old_logprobs if rollout_logprobs is None else rollout_logprobs
+        keep = off_policy_mask(logprobs, sampled, advantages, m, off_policy_mask_threshold)  # (N,)
+        pg = torch.where(keep[:, None], pg, 0.0)
+    sequence_level = rollout_correction is not None and rollout_correction.startswith("sequence")
+    metrics.update(rollout_metrics(old_logprobs, rollout_logprobs, m, w, outside, sequence_level, keep))
+    policy_loss = agg(pg)
     loss = policy_loss
     kl = None
     if ref_logprobs is not None:

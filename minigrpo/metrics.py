@@ -31,6 +31,14 @@ METRICS = {
     "completion_tokens_mean": "completion length (tokens)",
     "completion_tokens_pos_adv": "length of completions with Â > 0 (tokens)",
     "completion_tokens_neg_adv": "length of completions with Â < 0 (tokens)",
+    "sampling_logp_difference_mean": "mean |log π_rollout − log π_old| (nats/token)",
+    "sampling_logp_difference_max": "largest |log π_rollout − log π_old| (nats)",
+    "sampling_seq_log_ratio_std": "std over completions of Σ_t log(π_old/π_rollout) (nats)",
+    "importance_sampling_ratio_min": "smallest rollout weight w",
+    "importance_sampling_ratio_mean": "mean rollout weight w",
+    "importance_sampling_ratio_max": "largest rollout weight w",
+    "importance_sampling_out_of_bounds_frac": "fraction of tokens whose w was clamped or zeroed",
+    "off_policy_masked_frac": "fraction of completions the off-policy mask drops",
     "grad_norm": "gradient norm before clipping",
     "skipped_updates": "optimiser steps skipped (empty mini-batch or non-finite gradient)",
     "masked_frac": "fraction of completions with no token in the loss",
@@ -41,7 +49,8 @@ METRICS = {
 }
 """Every number the trainer logs, by name, with its axis label.  Each is computed in exactly one
 place: ``sample_batch`` (rewards, sampled groups, truncation), ``train_step`` (time), ``grpo_loss``'s metrics (clip fractions, ratios,
-token means), ``GRPOTrainer.update`` (loss terms, gradient norm, masked share), ``policy_updates`` (skipped
+token means; the sampler's mismatch, the rollout correction and the off-policy mask, ``rollout_metrics``),
+``GRPOTrainer.update`` (loss terms, gradient norm, masked share), ``policy_updates`` (skipped
 updates), ``evaluate`` (accuracy).  Besides
 these, ``reward_<name>`` is the batch mean of the reward function ``<name>``."""
 
@@ -67,7 +76,8 @@ class MetricLog(dict):
             self[key] = value
 
 
-REDUCE_OVER_UPDATES = {"ratio_min": min, "ratio_max": max}
+REDUCE_OVER_UPDATES = {"ratio_min": min, "ratio_max": max, "sampling_logp_difference_max": max,
+                       "importance_sampling_ratio_min": min, "importance_sampling_ratio_max": max}
 """How a metric of several updates becomes the step's: these by min/max, every other by the mean."""
 
 

@@ -19,15 +19,30 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
     logged ``cispo_clip_ratio`` counts capped tokens with Â > 0 only, minigrpo's
     ``clip_frac_high`` every token the cap changed).  A
     TRL step is one optimiser step, so step counts are multiplied by the updates per rollout.
+
+    The rollout correction is TRL's vLLM importance sampling: ``rollout_correction`` →
+    ``vllm_importance_sampling_correction`` (False when None) and ``vllm_importance_sampling_mode``
+    (same four names), ``rollout_ratio_min`` / ``rollout_ratio_max`` →
+    ``vllm_importance_sampling_clip_min`` / ``_clip_max`` (TRL 1.16's names; ``_cap`` is its
+    deprecated alias of ``_clip_max``); TRL applies it only with ``use_vllm=True``, where vLLM's
+    log-probs are π_rollout.  ``off_policy_mask_threshold`` keeps its name; TRL's mask, like
+    minigrpo's, uses the sampler's log-probs when it has them and the old ones otherwise.
+
     TRL has no counterpart for α > 0, the k1/k2 estimators, shuffled rewards, the
     leave-one-out baseline, dynamic sampling, per-reward normalisation or the overlong penalty
-    (TRL has it as a reward function, ``trl.rewards.get_soft_overlong_punishment``): those raise
-    ``ValueError``.
+    (TRL has it as a reward function, ``trl.rewards.get_soft_overlong_punishment``), nor for a
+    "*_truncate" correction without any bound or one with C_min = C_max (TRL wants at least one
+    bound and C_min < C_max): those raise ``ValueError``.
     """
     unsupported = dict(alpha=config.alpha != 0, kl_estimator=config.kl_estimator != "k3",
                        shuffle_rewards=config.shuffle_rewards, advantage_baseline=config.advantage_baseline != "mean",
                        dynamic_sampling=config.dynamic_sampling, overlong_cache=config.overlong_cache > 0,
                        normalize_each_reward=config.normalize_each_reward)
+    bounds = (config.rollout_ratio_min, config.rollout_ratio_max)
+    if config.rollout_correction is not None:
+        unsupported["rollout_ratio_min == rollout_ratio_max"] = bounds[0] is not None and bounds[0] == bounds[1]
+        unsupported["a truncate rollout_correction without bounds"] = (
+            config.rollout_correction.endswith("truncate") and bounds == (None, None))
     if any(unsupported.values()):
         raise ValueError(f"TRL has no counterpart for {[k for k, v in unsupported.items() if v]}")
     n = config.prompts_per_step * config.group_size  # sequences per rollout
@@ -42,6 +57,10 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
         loss_type, epsilon_high = "cispo", 1 + eps_high
     else:
         loss_type, epsilon_high = {"dapo": "bnpo"}.get(config.loss_type, config.loss_type), eps_high
+    rollout = {} if config.rollout_correction is None else dict(
+        vllm_importance_sampling_mode=config.rollout_correction,
+        vllm_importance_sampling_clip_min=config.rollout_ratio_min,
+        vllm_importance_sampling_clip_max=config.rollout_ratio_max)
     schedule = "constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps else config.lr_schedule
     return dict(
         seed=config.seed, max_steps=config.steps * updates, num_generations=config.group_size,
@@ -55,4 +74,6 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
         reward_weights=list(config.reward_weights), learning_rate=config.lr, lr_scheduler_type=schedule,
         warmup_steps=config.warmup_steps * updates, weight_decay=config.weight_decay,
         max_grad_norm=0.0 if config.max_grad_norm is None else config.max_grad_norm,
+        vllm_importance_sampling_correction=config.rollout_correction is not None, **rollout,
+        off_policy_mask_threshold=config.off_policy_mask_threshold,
     )

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from minigrpo.logprobs import token_logprobs_and_entropy
 from minigrpo.losses import (
     CISPO_EPS_HIGH,
+    ROLLOUT_CORRECTIONS,
+    ROLLOUT_METRICS,
     LossOutput,
     aggregate,
     aggregation_normalizer,
@@ -18,6 +20,8 @@ from minigrpo.losses import (
     grpo_loss,
     importance_ratio,
     kl_penalty,
+    off_policy_mask,
+    rollout_weight,
 )
 
 LOSS_TYPES = ["grpo", "dapo", "dr_grpo"]
@@ -30,7 +34,9 @@ F64 = torch.float64
 
 
 def transcribed_loss(lp, old, adv, mask, ref, ent, *, beta, alpha, eps_low, eps_high, loss_type,
-                     ratio_level, estimator, max_len=None, surrogate="clip", kl_bias_correction=False):  # fmt: skip
+                     ratio_level, estimator, max_len=None, surrogate="clip", kl_bias_correction=False,
+                     rollout=None, rollout_correction=None, rollout_ratio_min=None, rollout_ratio_max=3.0,
+                     off_policy_mask_threshold=None):  # fmt: skip
     """grpo_loss written out with Python loops over i and t, one scalar at a time."""
     n, t_len = lp.shape
     old, ref = old.detach(), None if ref is None else ref.detach()
@@ -63,12 +69,37 @@ def transcribed_loss(lp, old, adv, mask, ref, ent, *, beta, alpha, eps_low, eps_
             clipped = r
         return -(r * a if (r * a).item() <= (clipped * a).item() else clipped * a)
 
+    def d(i, u):  # log π_old − log π_rollout, 0 where the sampler gave no log-prob (NaN)
+        x = old[i, u].item() - rollout[i, u].item()
+        return 0.0 if math.isnan(x) else x
+
+    def w(i, t):  # the rollout correction, a plain float: no gradient
+        if rollout_correction is None:
+            return 1.0
+        log_w = d(i, t) if rollout_correction.startswith("token") else sum(d(i, u) for u in tokens[i])
+        value = math.exp(log_w)
+        lo = -math.inf if rollout_ratio_min is None else rollout_ratio_min
+        hi = math.inf if rollout_ratio_max is None else rollout_ratio_max
+        if rollout_correction.endswith("truncate"):
+            return min(max(value, lo), hi)
+        return 0.0 if value < lo or value > hi else value
+
+    def kept(i):  # DeepSeek-V3.2 eq. 9: Â ≥ 0, or the mean gap log π_rollout − log π_θ ≤ δ
+        if off_policy_mask_threshold is None or adv[i].item() >= 0:
+            return True
+        sampled = old if rollout is None else rollout
+        gaps = [sampled[i, u].item() - lp[i, u].item() for u in tokens[i]]
+        return sum(0.0 if math.isnan(g) else g for g in gaps) / max(len(tokens[i]), 1) <= off_policy_mask_threshold
+
+    def corrected_pg(i, t):
+        return w(i, t) * pg(i, t) if kept(i) else zero
+
     def kl(i, t):
         d = ref[i, t] - lp[i, t]
         k = {"k1": -d, "k2": d**2 / 2, "k3": torch.exp(d) - d - 1}[estimator]
         return rho(i, t) * k if kl_bias_correction else k
 
-    loss = agg(pg)
+    loss = agg(corrected_pg)
     if beta:
         loss = loss + beta * agg(kl)
     if alpha:
@@ -350,8 +381,9 @@ def test_clipped_tokens_have_exactly_zero_gradient(batch, eps):
     a = adv[:, None].expand_as(ratio)
     clipped = ((ratio > 1 + eps) & (a > 0)) | ((ratio < 1 - eps) & (a < 0))
     zero_expected = clipped | (a == 0) | ~mask
+    underflow = a.abs() < 1e-300  # Â·ρ/Σm of a denormal Â (hypothesis draws 5e-324) rounds to 0
     assert (grad[zero_expected & ~near_edge] == 0).all()
-    assert (grad[~zero_expected & ~near_edge] != 0).all()
+    assert (grad[~zero_expected & ~near_edge & ~underflow] != 0).all()
 
 
 FILLS = [0.0, 1e30, -1e30, float("inf"), float("-inf"), float("nan"), "random"]
@@ -571,12 +603,17 @@ def _pieces_of(n, sizes):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("variant", [dict(), dict(ratio_level="sequence"), dict(surrogate="cispo"),
-                                     dict(kl_bias_correction=True, kl_estimator="k2")], ids=str)
+                                     dict(kl_bias_correction=True, kl_estimator="k2"),
+                                     dict(rollout_correction="token_truncate", rollout_ratio_min=0.8,
+                                          rollout_ratio_max=1.2),
+                                     dict(rollout_correction="sequence_mask", rollout_ratio_min=0.5,
+                                          off_policy_mask_threshold=0.0)], ids=str)
 def test_pieces_with_the_whole_normalizer_add_up_to_the_whole_loss(loss_type, variant):
     """Split into pieces (micro-batches, ranks), each ``grpo_loss`` divided by the whole batch's
     ``aggregation_normalizer`` (the sum of the pieces'): the losses and the gradients add up to
     the whole batch's, for every term (policy, KL and entropy), while each piece's own
-    normaliser does not give the same (the bug this guards against)."""
+    normaliser does not give the same (the bug this guards against).  With a rollout
+    correction too: w (a row's own) multiplies each token before aggregation."""
     g = torch.Generator().manual_seed(7)
     n, t = 6, 5
     old = -torch.rand(n, t, generator=g, dtype=F64)
@@ -585,11 +622,13 @@ def test_pieces_with_the_whole_normalizer_add_up_to_the_whole_loss(loss_type, va
     ent0 = torch.rand(n, t, generator=g, dtype=F64)
     adv = torch.randn(n, generator=g, dtype=F64)
     mask = torch.arange(t) < torch.tensor([5, 1, 3, 4, 2, 5])[:, None]
+    rollout = old + 0.5 * torch.randn(n, t, generator=g, dtype=F64) if "rollout_correction" in variant else None
     kw = dict(beta=0.1, alpha=0.01, loss_type=loss_type, max_len=8, **variant)
 
     def run(pieces, normalizer):
         lp, ent = lp0.clone().requires_grad_(), ent0.clone().requires_grad_()
         total = sum(grpo_loss(lp[r], old[r], adv[r], mask[r], ref_logprobs=ref[r], entropy=ent[r],
+                              rollout_logprobs=None if rollout is None else rollout[r],
                               normalizer=normalizer(r), **kw).loss for r in pieces)
         return (total, *torch.autograd.grad(total, (lp, ent)))
 
@@ -608,3 +647,333 @@ def test_normalizer_must_be_positive():
     for bad in (0, -1.0, math.inf, math.nan, True, "3"):
         with pytest.raises(ValueError, match="normalizer"):
             aggregate(x, m, normalizer=bad)
+
+
+# --------------------------------------------------------------------------- rollout correction
+
+
+CORRECTIONS = list(ROLLOUT_CORRECTIONS)
+DELTA = 0.2  # δ of the off-policy mask in rollout_batch: it drops row 3 (with rollout or old log-probs), keeps 1, 4, 5
+
+
+def rollout_batch(seed=29, n=6, t=5):
+    """make_batch plus a sampler's log-probs: log π_rollout = log π_old + noise, one NaN (no
+    value) on a completion token, garbage in the padding; more completions with Â < 0 (row 4,
+    empty, among them)."""
+    lp, old, _, mask, ref, ent = make_batch(seed=seed, n=n, t=t)
+    adv = torch.tensor([1.0, -0.5, 0.0, -1.5, -2.0, -0.7], dtype=F64)
+    g = torch.Generator().manual_seed(seed + 100)
+    rollout = old + 0.7 * torch.randn(n, t, generator=g, dtype=F64)
+    rollout[0, 1] = float("nan")
+    rollout[~mask] = -7.0
+    return lp, old, adv, mask, ref, ent, rollout
+
+
+def mean_gaps(sampled, lp, mask):
+    """Σ_t m·(sampled − log π_θ) / max(Σ_t m, 1) per completion, NaN counted as 0, by loops."""
+    n, t_len = lp.shape
+    out = []
+    for i in range(n):
+        gaps = [sampled[i, t].item() - lp[i, t].item() for t in range(t_len) if mask[i, t]]
+        out.append(sum(0.0 if math.isnan(x) else x for x in gaps) / max(len(gaps), 1))
+    return out
+
+
+def test_rollout_batch_exercises_every_branch():
+    """The bounds [0.5, 2] cut weights on both sides, in token and sequence modes, and the
+    off-policy mask drops one completion with Â < 0 (with either source) and keeps the others."""
+    lp, old, adv, mask, _, _, rollout = rollout_batch()
+    assert seq_ratio_margin(lp, old, mask, 0.2) > 1e-3
+    for mode in ("token_truncate", "sequence_truncate"):
+        w, outside = rollout_weight(old, torch.where(mask, rollout, 0), mask, mode, 0.5, 2.0)
+        raw = rollout_weight(old, torch.where(mask, rollout, 0), mask, mode, None, None)[0]
+        assert ((raw < 0.5) & mask).any() and ((raw > 2.0) & mask).any() and ((~outside) & mask).any()
+        assert torch.equal(outside, (raw < 0.5) | (raw > 2.0)) and ((w >= 0.5) & (w <= 2.0)).all()
+        assert ((raw - 0.5).abs()[mask].min() > 0.01) and ((raw - 2.0).abs()[mask].min() > 0.01)
+    for sampled in (rollout, old):
+        gaps = mean_gaps(sampled, lp, mask)
+        dropped = [i for i in range(6) if adv[i] < 0 and gaps[i] > DELTA]
+        assert dropped == [3] and min(abs(g - DELTA) for g in gaps) > 1e-2
+
+
+ROLLOUT_CASES = [(mode, bounds, threshold) for mode in [None, *CORRECTIONS] for bounds in [(0.5, 2.0), (None, 3.0)]
+                 for threshold in [None, DELTA] if mode is not None or bounds == (None, 3.0)]
+
+
+def _rollout_id(case):
+    mode, bounds, threshold = case
+    return f"{mode}-{bounds[0]}-{bounds[1]}-{'opm' if threshold is not None else 'noopm'}"
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("case", ROLLOUT_CASES, ids=_rollout_id)
+def test_rollout_correction_matches_transcription(loss_type, case):
+    """w·keep·pg against the loops of ``transcribed_loss``: values and gradients, every mode and
+    loss type, with and without the off-policy mask, KL and entropy in the loss."""
+    mode, (lo, hi), threshold = case
+    lp, old, adv, mask, ref, ent, rollout = rollout_batch()
+    kwargs = dict(beta=0.04, alpha=0.01, eps_low=0.2, eps_high=0.28, loss_type=loss_type, ratio_level="token",
+                  rollout_correction=mode, rollout_ratio_min=lo, rollout_ratio_max=hi,
+                  off_policy_mask_threshold=threshold)
+    max_len = 7 if loss_type == "dr_grpo" else None
+    lp1, ent1 = lp.clone().requires_grad_(), ent.clone().requires_grad_()
+    out = grpo_loss(lp1, old, adv, mask, ref_logprobs=ref, entropy=ent1, max_len=max_len, rollout_logprobs=rollout,
+                    **kwargs)
+    lp2, ent2 = lp.clone().requires_grad_(), ent.clone().requires_grad_()
+    want = transcribed_loss(lp2, old, adv, mask, ref, ent2, estimator="k3", max_len=max_len, rollout=rollout, **kwargs)
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(torch.autograd.grad(out.loss, (lp1, ent1)), torch.autograd.grad(want, (lp2, ent2))):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", CORRECTIONS)
+@pytest.mark.parametrize("ratio_level, surrogate, sampled",
+                         [("sequence", "clip", "rollout"), ("token", "cispo", "rollout"), ("token", "clip", "old")])
+def test_rollout_correction_with_gspo_cispo_and_the_old_fallback(mode, ratio_level, surrogate, sampled):
+    """The same transcription with GSPO's sequence ratio, with CISPO's weight, and with no rollout
+    log-probs at all (no correction; the off-policy mask then measures the gap from π_old)."""
+    lp, old, adv, mask, ref, ent, rollout = rollout_batch()
+    if sampled == "old":
+        rollout, mode = None, None
+    kwargs = dict(beta=0.04, alpha=0.0, eps_low=0.2, eps_high=0.28, loss_type="dapo", ratio_level=ratio_level,
+                  surrogate=surrogate, rollout_correction=mode, rollout_ratio_min=0.5, rollout_ratio_max=2.0,
+                  off_policy_mask_threshold=DELTA)
+    lp1, lp2 = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    out = grpo_loss(lp1, old, adv, mask, ref_logprobs=ref, rollout_logprobs=rollout, **kwargs)
+    want = transcribed_loss(lp2, old, adv, mask, ref, ent, estimator="k3", rollout=rollout, **kwargs)
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out.loss, lp1)[0], torch.autograd.grad(want, lp2)[0],
+                               rtol=1e-12, atol=1e-12)
+    assert out.metrics["off_policy_masked_frac"] == 1 / 6
+
+
+@pytest.mark.parametrize("mode", CORRECTIONS)
+@pytest.mark.parametrize("ratio_level", RATIO_LEVELS)
+def test_rollout_correction_gradcheck(mode, ratio_level):
+    """Finite differences agree with autograd on the corrected, masked loss: w and the mask are
+    constants in log π_θ (the mask's decisions sit far from δ, the ratios far from the clip edges)."""
+    lp, old, adv, mask, ref, ent, rollout = rollout_batch()
+
+    def loss(lp, ent):
+        return grpo_loss(lp, old, adv, mask, ref_logprobs=ref, entropy=ent, beta=0.1, alpha=0.05,
+                         ratio_level=ratio_level, rollout_logprobs=rollout, rollout_correction=mode,
+                         rollout_ratio_min=0.5, rollout_ratio_max=2.0, off_policy_mask_threshold=DELTA).loss
+
+    assert torch.autograd.gradcheck(loss, (lp.requires_grad_(), ent.requires_grad_()), fast_mode=True)
+
+
+def test_golden_rollout_correction():
+    """Two completions by hand, ρ = 1 (log π_θ = log π_old), so pg = −Â per token.
+    Row 0 (Â = 1): raw w = (4, 0.8); row 1 (Â = −1): raw w = (1.5, NaN → 1).  C = [0.5, 3], "dapo".
+    token_truncate: w = (3, 0.8 | 1.5, 1): (−3 − 0.8 + 1.5 + 1)/4 = −0.325; one token of four clamped.
+    token_mask:     w = (0, 0.8 | 1.5, 1): (−0.8 + 2.5)/4 = 0.425.
+    sequence_*:     w_0 = 4·0.8 = 3.2, w_1 = 1.5: truncate (−3·2 + 1.5·2)/4 = −0.75, mask (0 + 3)/4 = 0.75.
+    Off-policy mask on row 1: mean gap (log π_rollout − log π_θ) = (−log 1.5 + 0)/2 = −0.2027:
+    kept at δ = 0, dropped at δ = −0.3 (row 0 has Â > 0: always kept)."""
+    old = torch.log(torch.tensor([[0.4, 0.5], [0.3, 0.6]], dtype=F64))
+    raw = torch.tensor([[4.0, 0.8], [1.5, 1.0]], dtype=F64)
+    rollout = old - raw.log()
+    rollout[1, 1] = float("nan")
+    adv, mask = torch.tensor([1.0, -1.0], dtype=F64), torch.ones(2, 2, dtype=torch.bool)
+
+    def run(mode, **kw):
+        return grpo_loss(old.clone(), old, adv, mask, loss_type="dapo", rollout_logprobs=rollout,
+                         rollout_correction=mode, rollout_ratio_min=0.5, rollout_ratio_max=3.0, **kw)
+
+    want = {"token_truncate": -0.325, "token_mask": 0.425, "sequence_truncate": -0.75, "sequence_mask": 0.75}
+    for mode, value in want.items():
+        assert run(mode).loss.item() == pytest.approx(value, rel=1e-12)
+    m = run("token_truncate").metrics
+    assert m["importance_sampling_ratio_min"] == pytest.approx(0.8) and m["importance_sampling_ratio_max"] == 3.0
+    assert m["importance_sampling_ratio_mean"] == pytest.approx((3 + 0.8 + 1.5 + 1) / 4)
+    assert m["importance_sampling_out_of_bounds_frac"] == 1 / 4
+    logs = [math.log(4), -math.log(0.8), math.log(1.5)]  # |log π_rollout − log π_old|, NaN left out
+    assert m["sampling_logp_difference_mean"] == pytest.approx(sum(logs) / 3)
+    assert m["sampling_logp_difference_max"] == pytest.approx(math.log(4))
+    assert m["sampling_seq_log_ratio_std"] == pytest.approx(abs(math.log(3.2) - math.log(1.5)) / 2)
+    m = run("sequence_mask").metrics  # over completions: w = (0, 1.5); both tokens of row 0 zeroed
+    assert (m["importance_sampling_ratio_min"], m["importance_sampling_ratio_max"]) == (0.0, pytest.approx(1.5))
+    assert m["importance_sampling_ratio_mean"] == pytest.approx(0.75)
+    assert m["importance_sampling_out_of_bounds_frac"] == 0.5
+    assert run("token_mask", off_policy_mask_threshold=0.0).loss.item() == pytest.approx(0.425, rel=1e-12)
+    dropped = run("token_mask", off_policy_mask_threshold=-0.3)
+    assert dropped.loss.item() == pytest.approx(-0.8 / 4, rel=1e-12)  # row 1's tokens give 0
+    assert dropped.metrics["off_policy_masked_frac"] == 0.5
+
+
+def test_rollout_metrics_appear_only_when_asked_for_and_are_labelled():
+    """No rollout log-probs, no mask: no new metric (existing runs log nothing new).  Rollout
+    log-probs alone: the mismatch only.  Every name has an axis label; min/max reduce by min/max."""
+    from minigrpo.metrics import METRICS, REDUCE_OVER_UPDATES
+
+    lp, old, adv, mask, _, _, rollout = rollout_batch()
+    assert not set(grpo_loss(lp, old, adv, mask).metrics) & set(ROLLOUT_METRICS)
+    mismatch = {"sampling_logp_difference_mean", "sampling_logp_difference_max", "sampling_seq_log_ratio_std"}
+    assert set(grpo_loss(lp, old, adv, mask, rollout_logprobs=rollout).metrics) & set(ROLLOUT_METRICS) == mismatch
+    out = grpo_loss(lp, old, adv, mask, rollout_logprobs=rollout, rollout_correction="token_mask",
+                    off_policy_mask_threshold=DELTA)
+    assert set(ROLLOUT_METRICS) <= set(out.metrics) <= set(METRICS)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in out.metrics.values())
+    assert set(grpo_loss(lp, old, adv, mask, off_policy_mask_threshold=DELTA).metrics) & set(ROLLOUT_METRICS) == {
+        "off_policy_masked_frac"}
+    assert {k for k in ROLLOUT_METRICS if k.endswith(("_min", "_max"))} <= set(REDUCE_OVER_UPDATES)
+
+
+rollout_options = st.fixed_dictionaries(
+    {"loss_type": st.sampled_from(LOSS_TYPES), "ratio_level": st.sampled_from(RATIO_LEVELS),
+     "rollout_correction": st.sampled_from(CORRECTIONS),
+     "rollout_ratio_min": st.sampled_from([None, 0.1, 0.5, 1.0]),
+     "rollout_ratio_max": st.sampled_from([None, 1.0, 2.0, 3.0])}
+)
+
+
+@settings_
+@given(batches(), rollout_options)
+def test_rollout_equal_to_old_changes_nothing(batch, opts):
+    """π_rollout = π_old: w = 1 under any mode whose bounds contain 1, so loss and gradient are
+    bit-identical to no correction."""
+    lp, old, adv, mask = batch
+    lp1, lp2 = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    plain = grpo_loss(lp1, old, adv, mask, loss_type=opts["loss_type"], ratio_level=opts["ratio_level"])
+    corrected = grpo_loss(lp2, old, adv, mask, rollout_logprobs=old.clone(), **opts)
+    assert torch.equal(plain.loss, corrected.loss)
+    assert torch.equal(torch.autograd.grad(plain.loss, lp1)[0], torch.autograd.grad(corrected.loss, lp2)[0])
+    assert corrected.metrics["importance_sampling_out_of_bounds_frac"] == 0.0
+
+
+@st.composite
+def rollouts(draw, like):
+    noise = draw(st.lists(st.floats(-2, 2), min_size=like.numel(), max_size=like.numel()))
+    nan = draw(st.lists(st.booleans(), min_size=like.numel(), max_size=like.numel()))
+    rollout = like + torch.tensor(noise, dtype=F64).view_as(like)
+    return torch.where(torch.tensor(nan).view_as(like), float("nan"), rollout)
+
+
+@settings_
+@given(batches(), rollout_options, st.data())
+def test_w_is_a_constant_that_weighs_only_the_policy_term(batch, opts, data):
+    """w carries no gradient (to π_old or π_rollout), each token's gradient is w times its
+    uncorrected one (token ratios, the policy term alone), and the KL and entropy terms, their
+    values and gradients, are the same with or without w."""
+    lp, old, adv, mask = batch
+    rollout = data.draw(rollouts(old))
+    ref, ent = old + 0.3, torch.rand_like(lp)
+    old1, rollout1 = old.clone().requires_grad_(), rollout.clone().requires_grad_()
+    lp1, lp2 = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    token = {**opts, "ratio_level": "token"}
+    out = grpo_loss(lp1, old1, adv, mask, rollout_logprobs=rollout1, **token)
+    out.loss.backward()
+    assert old1.grad is None and rollout1.grad is None
+    plain = grpo_loss(lp2, old, adv, mask, loss_type=opts["loss_type"])
+    plain.loss.backward()
+    w, _ = rollout_weight(torch.where(mask, old, 0), torch.where(mask, rollout, 0), mask, opts["rollout_correction"],
+                          opts["rollout_ratio_min"], opts["rollout_ratio_max"])
+    torch.testing.assert_close(lp1.grad, w * lp2.grad, rtol=1e-12, atol=1e-15)
+    # Â = 0: no policy gradient, so what is left (KL, entropy) is the same with and without w
+    zero = torch.zeros_like(adv)
+    grads = []
+    for kw in (dict(), dict(rollout_logprobs=rollout, **opts)):
+        x, e = lp.clone().requires_grad_(), ent.clone().requires_grad_()
+        o = grpo_loss(x, old, zero, mask, ref_logprobs=ref, entropy=e, beta=0.1, alpha=0.05,
+                      **{"loss_type": opts["loss_type"], "ratio_level": opts["ratio_level"], **kw})
+        grads.append((o.loss, o.kl, o.entropy, *torch.autograd.grad(o.loss, (x, e))))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@settings_
+@given(batches(), rollout_options, st.data())
+def test_nan_rollout_tokens_get_weight_one(batch, opts, data):
+    """For w, a NaN rollout log-prob counts as log π_rollout = log π_old: the same loss and
+    gradient as putting π_old there, in every mode; in token modes whose bounds contain 1 its w
+    is exactly 1.  (The off-policy mask counts it as a zero gap instead: the eq. 9 test.)"""
+    lp, old, adv, mask = batch
+    rollout = data.draw(rollouts(old))
+    filled = torch.where(torch.isnan(rollout), old, rollout)
+    results = []
+    for r in (rollout, filled):
+        x = lp.clone().requires_grad_()
+        o = grpo_loss(x, old, adv, mask, rollout_logprobs=r, **opts)
+        results.append((o.loss, torch.autograd.grad(o.loss, x)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    w, _ = rollout_weight(torch.where(mask, old, 0), torch.where(mask, rollout, 0), mask, "token_truncate",
+                          opts["rollout_ratio_min"], opts["rollout_ratio_max"])
+    assert (w[torch.isnan(rollout) & mask] == 1).all()
+
+
+@settings_
+@given(batches(), st.floats(-1, 1), st.booleans(), st.data())
+def test_off_policy_mask_drops_exactly_what_eq9_says(batch, delta, with_rollout, data):
+    """keep_i ⟺ Â_i ≥ 0 or mean gap ≤ δ (by loops); never drops Â ≥ 0; and a dropped
+    completion is one whose advantage was 0: the same loss and gradient as zeroing its Â."""
+    lp, old, adv, mask = batch
+    rollout = data.draw(rollouts(old)) if with_rollout else None
+    sampled = old if rollout is None else rollout
+    gaps = mean_gaps(sampled, lp, mask)
+    keep = off_policy_mask(torch.where(mask, lp, 0), torch.where(mask, sampled, 0), adv, mask, delta)
+    assert keep.tolist() == [adv[i].item() >= 0 or gaps[i] <= delta for i in range(len(adv))]
+    assert keep[adv >= 0].all()
+    x1, x2 = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    masked = grpo_loss(x1, old, adv, mask, rollout_logprobs=rollout, off_policy_mask_threshold=delta)
+    zeroed = grpo_loss(x2, old, torch.where(keep, adv, 0.0), mask)
+    assert torch.equal(masked.loss, zeroed.loss)
+    assert torch.equal(torch.autograd.grad(masked.loss, x1)[0], torch.autograd.grad(zeroed.loss, x2)[0])
+    assert masked.metrics["off_policy_masked_frac"] == pytest.approx((~keep).double().mean().item())
+
+
+@pytest.mark.parametrize("fill", FILLS)
+def test_rollout_padding_never_matters(fill):
+    lp, old, adv, mask, _, _, rollout = rollout_batch()
+    kw = dict(rollout_correction="sequence_truncate", rollout_ratio_min=0.5, off_policy_mask_threshold=DELTA)
+    clean = grpo_loss(lp, old, adv, mask, rollout_logprobs=rollout, **kw)
+    value = 100 * torch.randn(rollout.shape, dtype=F64) if fill == "random" else torch.full_like(rollout, fill)
+    dirty = grpo_loss(lp, old, adv, mask, rollout_logprobs=torch.where(mask, rollout, value), **kw)
+    assert torch.equal(clean.loss, dirty.loss) and clean.metrics == dirty.metrics
+
+
+BAD_ROLLOUT = [
+    (dict(rollout_correction="token_clip"), "rollout_correction"),
+    (dict(rollout_correction="token_truncate", rollout_logprobs=None), "rollout_logprobs"),
+    (dict(rollout_logprobs=torch.zeros(2, 4, dtype=F64)), "rollout_logprobs"),
+    (dict(rollout_logprobs=torch.zeros(2, 3, dtype=torch.long)), "rollout_logprobs"),
+    (dict(rollout_logprobs=torch.tensor([[0.0, -math.inf, 0.0], [0.0, 0.0, 0.0]], dtype=F64)), "rollout_logprobs"),
+    (dict(rollout_logprobs=torch.tensor([[math.inf, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=F64)), "rollout_logprobs"),
+    (dict(rollout_ratio_min=0.0), "rollout_ratio_min"),
+    (dict(rollout_ratio_min=-1.0), "rollout_ratio_min"),
+    (dict(rollout_ratio_min=math.nan), "rollout_ratio_min"),
+    (dict(rollout_ratio_max=math.inf), "rollout_ratio_max"),
+    (dict(rollout_ratio_max=True), "rollout_ratio_max"),
+    (dict(rollout_ratio_max="3"), "rollout_ratio_max"),
+    (dict(rollout_ratio_min=2.0, rollout_ratio_max=1.0), "rollout_ratio_min"),
+    (dict(off_policy_mask_threshold=math.inf), "off_policy_mask_threshold"),
+    (dict(off_policy_mask_threshold=math.nan), "off_policy_mask_threshold"),
+    (dict(off_policy_mask_threshold=False), "off_policy_mask_threshold"),
+]
+
+
+@pytest.mark.parametrize("change, match", BAD_ROLLOUT)
+def test_rollout_bad_inputs(change, match):
+    b = _batch()  # mask: rows of 3 and 2 tokens; the padded (1, 2) may hold anything, even inf
+    kwargs = {"rollout_logprobs": b["old_logprobs"].clone(), "rollout_correction": "token_mask", **change}
+    with pytest.raises(ValueError, match=match):
+        grpo_loss(b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], **kwargs)
+
+
+def test_rollout_good_edge_inputs():
+    """None bounds, C_min = C_max, a negative δ, ±inf on padding, batches with no completion
+    token (T = 0 too): all accepted, finite."""
+    b = _batch()
+    rollout = b["old_logprobs"].clone()
+    rollout[1, 2] = math.inf
+    assert not b["mask"][1, 2]
+    for kw in (dict(rollout_ratio_min=None, rollout_ratio_max=None), dict(rollout_ratio_min=1.0, rollout_ratio_max=1.0),
+               dict(off_policy_mask_threshold=-0.5)):
+        out = grpo_loss(b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], rollout_logprobs=rollout,
+                        rollout_correction="sequence_truncate", **kw)
+        assert torch.isfinite(out.loss)
+    for mode, mask in itertools.product(CORRECTIONS, (torch.zeros(2, 3), torch.zeros(2, 0))):  # no completion token
+        x = torch.zeros(mask.shape, dtype=F64, requires_grad=True)
+        out = grpo_loss(x, x.detach(), b["advantages"], mask, rollout_logprobs=x.detach(), rollout_correction=mode,
+                        off_policy_mask_threshold=0.5)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and torch.isfinite(x.grad).all()
+        assert all(math.isfinite(out.metrics[k]) for k in ROLLOUT_METRICS)

@@ -92,10 +92,30 @@ def test_every_config_field_is_documented():
     (dict(dynamic_sampling=1), "dynamic_sampling"),
     (dict(max_sampling_rounds=0), "max_sampling_rounds"),
     (dict(eval_max_new_tokens=0), "eval_max_new_tokens"),
+    (dict(rollout_correction="tis"), "rollout_correction"),
+    (dict(rollout_ratio_min=0.0), "rollout_ratio_min"),
+    (dict(rollout_ratio_min=-1.0), "rollout_ratio_min"),
+    (dict(rollout_ratio_max=math.inf), "rollout_ratio_max"),
+    (dict(rollout_ratio_max=True), "rollout_ratio_max"),
+    (dict(rollout_ratio_min=2.0, rollout_ratio_max=1.0), "rollout_ratio_min"),
+    (dict(off_policy_mask_threshold=math.nan), "off_policy_mask_threshold"),
+    (dict(off_policy_mask_threshold="0.5"), "off_policy_mask_threshold"),
 ])
 def test_config_rejects_bad_values_when_built(overrides, name):
     with pytest.raises(ValueError, match=name):
         GRPOConfig(**overrides)
+
+
+def test_config_accepts_the_rollout_correction_settings():
+    """Defaults: no correction, no mask, TRL's bounds [None, 3]; any mode with positive bounds
+    (None: no bound; C_min = C_max allowed) and any finite δ, negative too."""
+    c = GRPOConfig()
+    assert (c.rollout_correction, c.rollout_ratio_min, c.rollout_ratio_max, c.off_policy_mask_threshold) == (
+        None, None, 3.0, None)
+    for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        GRPOConfig(rollout_correction=mode, rollout_ratio_min=0.5, rollout_ratio_max=2, off_policy_mask_threshold=0.5)
+    GRPOConfig(rollout_correction="token_mask", rollout_ratio_min=1, rollout_ratio_max=1, off_policy_mask_threshold=-1)
+    GRPOConfig(rollout_correction="token_truncate", rollout_ratio_min=None, rollout_ratio_max=None)
 
 
 @pytest.mark.parametrize("overrides, name", [

@@ -16,6 +16,14 @@ from ``minigrpo.rollout.completion_logprobs``, the trainer's own forward pass.  
 which at one micro-batch per generation is the same token mean as its "bnpo", is checked
 against minigrpo's "dapo" as well.  Run: ``pytest tests/test_trl_equivalence.py``.
 
+The rollout correction and the off-policy mask are checked the same way.  For the mask on the
+old log-probs, ``_batch`` serves.  For the correction (TRL's vLLM importance sampling), TRL must
+compute w itself: ``_sampled_batch`` runs TRL's own ``_generate_and_score_completions`` with its
+``_generate`` replaced by fixed completions and the sampler's log-probs (as vLLM returns them,
+one NaN among them), and ``use_vllm`` switched on, the only condition TRL puts on the
+correction.  Then both losses, gradients and TRL's ``sampling/…`` metrics must agree for all four
+modes, with and without the mask, and for the mask alone on the sampler's log-probs.
+
 How TRL 1.16 aggregates (``GRPOTrainer._compute_loss``; B sequences, mask m, per-token loss x
 that already includes β·k3 KL; one process, no gradient accumulation):
 
@@ -72,6 +80,9 @@ LENGTHS = [6, 4, 1, 5, 3, 6]  # row 2 keeps only its first token
 REWARDS = [1.0, 0.0, 0.5, 0.2, 0.9, 0.0]
 TEMPERATURE = 0.7
 EPS_LOW = 0.2
+OLD_DELTA = 0.3  # δ of the off-policy mask on _batch's old log-probs: drops rows 1 and 5 (Â < 0), keeps row 3
+ROLLOUT_BOUNDS = dict(rollout_ratio_min=0.5, rollout_ratio_max=2.0)  # [C_min, C_max] of w in _sampled_batch
+ROLLOUT_DELTA = 0.05  # δ on _sampled_batch's rollout log-probs: drops row 3 (Â < 0), keeps rows 1 and 5
 
 CONFIGS = [
     dict(loss_type=loss_type, beta=beta, ratio_level=level, eps_high=eps_high)
@@ -81,18 +92,32 @@ CONFIGS = [
 ] + [dict(loss_type="dapo", beta=beta, ratio_level="token", eps_high=None, trl_loss_type="dapo") for beta in (0.0, 0.04)
 ] + [dict(loss_type="dapo", beta=beta, ratio_level="token", eps_high=0.28, surrogate="cispo") for beta in (0.0, 0.04)
 ] + [dict(loss_type=loss_type, beta=0.04, ratio_level=level, eps_high=None, kl_bias_correction=True)
-     for loss_type, level in itertools.product(["grpo", "dapo"], ["token", "sequence"])]
+     for loss_type, level in itertools.product(["grpo", "dapo"], ["token", "sequence"])
+] + [dict(loss_type=loss_type, beta=beta, ratio_level="token", eps_high=None, off_policy_mask_threshold=OLD_DELTA)
+     for loss_type, beta in [("grpo", 0.04), ("dapo", 0.0), ("dr_grpo", 0.04)]
+] + [dict(loss_type=loss_type, beta=0.04 * (threshold is None), ratio_level="token", eps_high=0.28, sampler=True,
+          rollout_correction=mode, **ROLLOUT_BOUNDS, off_policy_mask_threshold=threshold)
+     for (mode, loss_type), threshold in itertools.product(
+         zip(mg.losses.ROLLOUT_CORRECTIONS, ["grpo", "dapo", "dr_grpo", "grpo"]), [None, ROLLOUT_DELTA])
+] + [dict(loss_type="dapo", beta=0.04, ratio_level="token", eps_high=None, sampler=True,
+          rollout_correction="sequence_mask"),  # TRL's default mode and bounds [None, 3]
+     dict(loss_type="grpo", beta=0.04, ratio_level="token", eps_high=None, sampler=True, num_updates=2,
+          off_policy_mask_threshold=ROLLOUT_DELTA)]  # the mask on the sampler's log-probs, no correction
+# (μ = 2: without a correction TRL computes π_old only when it can differ from π_θ)
 
 
 def _config_id(config: dict) -> str:
     eps = "sym" if config["eps_high"] is None else f"eh{config['eps_high']}"
     trl = f"-trl_{config['trl_loss_type']}" if "trl_loss_type" in config else ""
     extra = "-cispo" * (config.get("surrogate") == "cispo") + "-klcorr" * config.get("kl_bias_correction", False)
+    extra += f"-{config['rollout_correction']}" if config.get("rollout_correction") else ""
+    extra += "-sampler" * config.get("sampler", False)
+    extra += f"-opm{config['off_policy_mask_threshold']}" if config.get("off_policy_mask_threshold") is not None else ""
     return f"{config['loss_type']}{trl}-beta{config['beta']}-{config['ratio_level']}-{eps}{extra}"
 
 
 def _minigrpo_config(config: dict) -> MinigrpoConfig:
-    options = {k: v for k, v in config.items() if k != "trl_loss_type"}
+    options = {k: v for k, v in config.items() if k not in ("trl_loss_type", "sampler")}
     return MinigrpoConfig(prompts_per_step=PROMPTS, group_size=GROUP_SIZE, max_new_tokens=MAX_COMPLETION_LENGTH,
                           temperature=TEMPERATURE, eps_low=EPS_LOW, **options)
 
@@ -143,7 +168,7 @@ def _trainer(model_dir: str, config: dict, output_dir: str) -> GRPOTrainer:
     args = GRPOConfig(output_dir=output_dir, report_to=[], use_cpu=True, bf16=False, **kwargs)
     trainer = GRPOTrainer(
         model=model_dir,
-        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        reward_funcs=lambda completions, **kwargs: REWARDS[: len(completions)],  # scored by _sampled_batch only
         args=args,
         train_dataset=datasets.Dataset.from_dict({"prompt": ["1+2=", "3+4="]}),
         processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
@@ -196,6 +221,45 @@ def _batch(model) -> dict:
     }
 
 
+def _sampled_batch(trainer: GRPOTrainer) -> dict:
+    """TRL's ``inputs`` dict from TRL's own ``_generate_and_score_completions``, as if vLLM had
+    sampled: ``_generate`` is replaced by one that returns fixed prompts, completions (LENGTHS)
+    and the sampler's log-probs, log π_rollout = log π_old + noise (one NaN: a token the sampler
+    gave no log-prob for).  TRL then computes π_old itself (on weights perturbed for the
+    occasion, restored afterwards: π_θ ≠ π_old, so ratios leave [1 − ε, 1 + ε]), the rewards
+    (REWARDS), the advantages, the reference log-probs, the rollout correction w and its
+    ``sampling/…`` metrics."""
+    model = trainer.model
+    g = torch.Generator().manual_seed(2)
+    prompt_ids = [torch.randint(3, len(SYMBOLS), (PROMPT_LEN - 2 * (i == 0),), generator=g).tolist() for i in range(N)]
+    completion_ids = [torch.randint(3, len(SYMBOLS), (n,), generator=g).tolist() for n in LENGTHS]
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        prompt_mask = (torch.arange(PROMPT_LEN) >= torch.tensor([2] + [0] * (N - 1))[:, None]).long()
+        padded_prompts = torch.zeros(N, PROMPT_LEN, dtype=torch.long)
+        padded_prompts[prompt_mask.bool()] = torch.tensor([t for ids in prompt_ids for t in ids])
+        completion_mask = (torch.arange(COMPLETION_LEN) < torch.tensor(LENGTHS)[:, None]).long()
+        padded_completions = torch.zeros(N, COMPLETION_LEN, dtype=torch.long)
+        padded_completions[completion_mask.bool()] = torch.tensor([t for ids in completion_ids for t in ids])
+        old = _completion_logprobs(model, padded_prompts, prompt_mask, padded_completions, completion_mask)
+    rollout = old + 0.7 * torch.randn(old.shape, generator=g)
+    rollout_lists = [rollout[i, :n].tolist() for i, n in enumerate(LENGTHS)]
+    rollout_lists[0][1] = float("nan")
+
+    def generate(prompts):  # TRL's vLLM path returns these eight
+        return prompt_ids, completion_ids, None, ["x"] * len(prompts), rollout_lists, {}, None, None
+
+    trainer._generate, trainer.use_vllm = generate, True  # use_vllm: TRL applies the correction only then
+    inputs = trainer._generate_and_score_completions([{"prompt": "?"}] * N)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    torch.testing.assert_close(inputs["advantages"], mg.group_advantages(torch.tensor(REWARDS), GROUP_SIZE))
+    return inputs
+
+
 def _gradients(model) -> dict[str, torch.Tensor]:
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -230,6 +294,11 @@ def _minigrpo_side(model, inputs: dict, config: dict):
         max_len=c.max_new_tokens,  # as the trainer passes it
         surrogate=c.surrogate,
         kl_bias_correction=c.kl_bias_correction,
+        rollout_logprobs=inputs.get("sampling_per_token_logps"),  # TRL's: NaN kept, 0 on padding
+        rollout_correction=c.rollout_correction,
+        rollout_ratio_min=c.rollout_ratio_min,
+        rollout_ratio_max=c.rollout_ratio_max,
+        off_policy_mask_threshold=c.off_policy_mask_threshold,
     )
     out.loss.backward()
     return out, _gradients(model)
@@ -240,7 +309,7 @@ def both(request, model_dir, tmp_path_factory) -> dict:
     """One TRL configuration: TRL's and minigrpo's losses, gradients and metrics on one batch."""
     config = request.param
     trainer = _trainer(model_dir, config, str(tmp_path_factory.mktemp("out")))
-    inputs = _batch(trainer.model)
+    inputs = _sampled_batch(trainer) if config.get("sampler") else _batch(trainer.model)
     trainer.model.zero_grad(set_to_none=True)
     trl_loss, trl_grads, trl_metrics = _trl_side(trainer, inputs)
     mg_out, mg_grads = _minigrpo_side(trainer.model, inputs, config)
@@ -286,12 +355,35 @@ CLIP_METRICS = {  # TRL's logged name -> minigrpo's
 }
 
 
+SAMPLING_METRICS = {  # TRL's logged name -> minigrpo's
+    "sampling/sampling_logp_difference/mean": "sampling_logp_difference_mean",
+    "sampling/sampling_logp_difference/max": "sampling_logp_difference_max",
+    "sampling/importance_sampling_ratio/min": "importance_sampling_ratio_min",
+    "sampling/importance_sampling_ratio/mean": "importance_sampling_ratio_mean",
+    "sampling/importance_sampling_ratio/max": "importance_sampling_ratio_max",
+}
+
+
+def test_corrections_are_active(both):
+    """Where a configuration corrects or masks, the batch makes it bite: the bounds change some
+    weights but not all, the off-policy mask drops some completions with Â < 0 but not all."""
+    config, metrics = both["config"], both["mg_out"].metrics
+    if config.get("rollout_correction"):
+        assert 0 < metrics["importance_sampling_out_of_bounds_frac"] < 1
+    if config.get("off_policy_mask_threshold") is not None:
+        assert metrics["off_policy_masked_frac"] == pytest.approx(1 / N if config.get("sampler") else 2 / N)
+    if not config.get("rollout_correction") and config.get("off_policy_mask_threshold") is None:
+        assert not set(metrics) & set(mg.losses.ROLLOUT_METRICS)
+
+
 def test_same_metrics(both):
     """TRL's logged KL and clip fractions are minigrpo's token means.  At sequence level TRL
     counts clipped sequences, minigrpo clipped tokens, so clip fractions are compared at token
-    level only."""
+    level only.  With a rollout correction, TRL's ``sampling/…`` metrics are minigrpo's."""
     trl_metrics, mg_metrics = both["trl_metrics"], both["mg_out"].metrics
     pairs = {"kl": "kl_token_mean"} if both["config"]["beta"] > 0 else {}
+    if both["config"].get("rollout_correction"):
+        pairs.update(SAMPLING_METRICS)
     if both["config"].get("surrogate") == "cispo":
         # TRL counts the capped tokens with Â > 0 only; minigrpo every token whose weight the cap
         # changed, whatever Â's sign (the cap acts on both): a superset
@@ -323,6 +415,32 @@ def test_the_translation_builds_the_same_schedule_in_trl(tmp_path):
     assert args.use_bias_correction_kl and args.mask_truncated_completions
     with pytest.raises(ValueError, match="cispo"):
         trl_grpo_kwargs(MinigrpoConfig(surrogate="cispo", loss_type="grpo"))
+
+
+def test_the_translation_of_the_rollout_correction(tmp_path):
+    """The correction and the off-policy mask as TRL's ``vllm_importance_sampling_*`` and
+    ``off_policy_mask_threshold``; none asked for: TRL's correction off (its default is on).  The
+    two settings TRL's own config refuses (a truncation without bounds, C_min = C_max) raise
+    before it is built."""
+    def trl_config(**kwargs):
+        return GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **kwargs)
+
+    c = MinigrpoConfig(rollout_correction="token_mask", rollout_ratio_min=0.5, rollout_ratio_max=2.0,
+                       off_policy_mask_threshold=0.5)
+    args = trl_config(**trl_grpo_kwargs(c))
+    assert args.vllm_importance_sampling_correction and args.vllm_importance_sampling_mode == "token_mask"
+    assert (args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max) == (0.5, 2.0)
+    assert args.off_policy_mask_threshold == 0.5
+    args = trl_config(**trl_grpo_kwargs(MinigrpoConfig()))
+    assert not args.vllm_importance_sampling_correction and args.off_policy_mask_threshold is None
+    for bad in (dict(rollout_correction="token_truncate", rollout_ratio_max=None),
+                dict(rollout_correction="sequence_mask", rollout_ratio_min=2.0, rollout_ratio_max=2.0)):
+        with pytest.raises(ValueError, match="no counterpart"):
+            trl_grpo_kwargs(MinigrpoConfig(**bad))
+        with pytest.raises(ValueError, match="vllm_importance_sampling_clip"):  # TRL refuses it too
+            trl_config(vllm_importance_sampling_mode=bad["rollout_correction"],
+                       vllm_importance_sampling_clip_min=bad.get("rollout_ratio_min"),
+                       vllm_importance_sampling_clip_max=bad["rollout_ratio_max"])
 
 
 def test_soft_overlong_penalty_is_trls():
