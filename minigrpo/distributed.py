@@ -12,8 +12,10 @@ each step's prompts.  What keeps the replicas one model:
 
 Every rank calls these the same number of times whatever its own batch holds (a rank with no
 rows in a mini-batch still sums its zero gradient), so the collectives always match.  Without
-an initialised process group each function is the one-process identity.  Gloo on CPUs, NCCL
-with one GPU per rank.
+an initialised process group each function is the one-process identity, but a process that was
+launched as one of several (``WORLD_SIZE`` > 1) and has no process group is an error
+(``dist_info``): it would otherwise train alone, one of K independent copies.  Gloo on CPUs,
+NCCL with one GPU per rank; under NCCL a model that is not on the rank's GPU is an error too.
 """
 
 from __future__ import annotations
@@ -30,23 +32,57 @@ from minigrpo.metrics import REDUCE_OVER_UPDATES
 
 def init_distributed() -> None:
     """Join the process group when launched by torchrun with more than one process: NCCL with
-    one GPU per rank (``cuda`` then means ``cuda:LOCAL_RANK``), gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    one GPU per rank (``cuda`` then means ``cuda:LOCAL_RANK``; the model must be put there), gloo
+    on CPUs.  ``python -m minigrpo`` calls it; a script of one's own must too, before the trainer."""
+    if launched_world_size() > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def launched_world_size() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``, which ``torchrun`` and
+    ``accelerate launch`` set in every process's environment); 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` from torch.distributed when initialised, else ``(0, 1)``."""
+    """``(rank, world_size)`` from torch.distributed when initialised, else ``(0, 1)``.
+
+    A launcher only sets environment variables; the process group is made by
+    ``init_distributed`` (``python -m minigrpo`` calls it) or by the caller's own
+    ``torch.distributed.init_process_group``.  A process launched as one of several
+    (``WORLD_SIZE`` > 1) without it raises ``RuntimeError`` here, where the trainer asks for its
+    rank, instead of training alone: K such processes would be K independent copies of one
+    run."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if launched_world_size() > 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={launched_world_size()}: this process was launched as one of several (torchrun, "
+            "accelerate launch), but torch.distributed is not initialised, so it would train alone as one of "
+            "several independent copies. Call minigrpo.distributed.init_distributed() (or "
+            "torch.distributed.init_process_group) before building the trainer.")
     return 0, 1
 
 
 def _dist_device() -> torch.device:
     """Where collectives' tensors must live: the rank's GPU under NCCL, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _check_backend_device(tensors: list[torch.Tensor], what: str) -> None:
+    """Under NCCL every tensor of a collective must be on this rank's GPU: say so, before any
+    collective, when ``tensors`` are elsewhere (a model left on the CPU)."""
+    if dist.get_backend() != "nccl":
+        return
+    want = _dist_device()
+    elsewhere = sorted({str(t.device) for t in tensors if t.device != want})
+    if elsewhere:
+        raise ValueError(
+            f"{what} on {', '.join(elsewhere)}, but the process group uses NCCL, whose collectives take tensors "
+            f"on this rank's GPU ({want}) only: move the model there first (after init_distributed, 'cuda' is "
+            "that GPU), or run on CPUs with gloo (CUDA_VISIBLE_DEVICES= torchrun ...).")
 
 
 def sum_over_ranks(values: list[float]) -> list[float]:
@@ -62,8 +98,10 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
     """Every rank's parameters and buffers become rank 0's."""
     if dist_info()[1] == 1:
         return
+    tensors = [*model.parameters(), *model.buffers()]
+    _check_backend_device(tensors, "the model's parameters are")
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
+        for tensor in tensors:
             dist.broadcast(tensor.data, src=0)
 
 
@@ -75,6 +113,7 @@ def sum_gradients(params: list[torch.nn.Parameter], bucket_numel: int = 2**24) -
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    _check_backend_device([p.grad for p in params], "the gradients are")
     bucket: list[torch.Tensor] = []
     for grad in [p.grad for p in params]:
         if bucket and (sum(g.numel() for g in bucket) + grad.numel() > bucket_numel or grad.dtype != bucket[0].dtype):

@@ -1,14 +1,25 @@
-"""A ``GRPOConfig`` as TRL's: the translation the TRL comparisons (chapter 10,
-``tests/test_trl_equivalence.py``, ``benchmarks/trl_step_time.py``) share."""
+"""A ``GRPOConfig`` as TRL's: the translation the TRL comparisons (chapter 11,
+``tests/test_trl_equivalence.py``, ``benchmarks/trl_step_time.py``) share, for one process."""
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 from minigrpo.config import GRPOConfig
+from minigrpo.distributed import launched_world_size
 from minigrpo.losses import CISPO_EPS_HIGH
 
 
 def trl_grpo_kwargs(config: GRPOConfig) -> dict:
-    """The same hyperparameters as keyword arguments of TRL's ``trl.GRPOConfig`` (TRL 1.16).
+    """The same hyperparameters as keyword arguments of TRL's ``trl.GRPOConfig`` (TRL 1.16), for
+    a run in one process without gradient accumulation.
+
+    Called in a process of several (``WORLD_SIZE`` > 1, or an initialised process group of more
+    than one) it raises ``ValueError``: TRL's ``generation_batch_size`` counts every process's
+    completions and ``per_device_train_batch_size`` one process's, so these sizes would ask for a
+    batch as many times larger as there are processes (TRL refuses it as not divisible), and with
+    the per-device size divided by that number TRL's "bnpo" would divide each process's
+    micro-batch by its own token count, not the whole batch's as minigrpo's "dapo" does.
 
     minigrpo's "dapo" (token mean of the whole optimiser mini-batch, over its micro-batches and
     ranks) is TRL's "bnpo" in one process without gradient accumulation (TRL's "bnpo" divides
@@ -28,12 +39,18 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
     log-probs are π_rollout.  ``off_policy_mask_threshold`` keeps its name; TRL's mask, like
     minigrpo's, uses the sampler's log-probs when it has them and the old ones otherwise.
 
-    TRL has no counterpart for α > 0, the k1/k2 estimators, shuffled rewards, the
-    leave-one-out baseline, dynamic sampling, per-reward normalisation or the overlong penalty
+    TRL's ``entropy_coef`` subtracts coef × the token mean of the entropy for every loss type
+    (in one process, minigrpo's α term under "dapo" only); untested here, so α > 0 is refused
+    with what has no TRL counterpart: the k1/k2 estimators, shuffled rewards, the leave-one-out
+    baseline, dynamic sampling, per-reward normalisation or the overlong penalty
     (TRL has it as a reward function, ``trl.rewards.get_soft_overlong_punishment``), nor for a
     "*_truncate" correction without any bound or one with C_min = C_max (TRL wants at least one
     bound and C_min < C_max): those raise ``ValueError``.
     """
+    processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launched_world_size()
+    if processes > 1:
+        raise ValueError(f"trl_grpo_kwargs translates a one-process run; this is one of {processes} processes "
+                         "(TRL's batch sizes and its 'bnpo' token mean are per process)")
     unsupported = dict(alpha=config.alpha != 0, kl_estimator=config.kl_estimator != "k3",
                        shuffle_rewards=config.shuffle_rewards, advantage_baseline=config.advantage_baseline != "mean",
                        dynamic_sampling=config.dynamic_sampling, overlong_cache=config.overlong_cache > 0,

@@ -417,6 +417,16 @@ def test_the_translation_builds_the_same_schedule_in_trl(tmp_path):
         trl_grpo_kwargs(MinigrpoConfig(surrogate="cispo", loss_type="grpo"))
 
 
+def test_the_translation_is_for_one_process(monkeypatch):
+    """Under a launcher (WORLD_SIZE > 1) the translation refuses: TRL's batch sizes and its
+    "bnpo" token mean are per process, so the same keywords would be another run."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one-process run; this is one of 2 processes"):
+        trl_grpo_kwargs(MinigrpoConfig())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert trl_grpo_kwargs(MinigrpoConfig())["gradient_accumulation_steps"] == 1
+
+
 def test_the_translation_of_the_rollout_correction(tmp_path):
     """The correction and the off-policy mask as TRL's ``vllm_importance_sampling_*`` and
     ``off_policy_mask_threshold``; none asked for: TRL's correction off (its default is on).  The
