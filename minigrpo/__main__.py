@@ -128,8 +128,8 @@ def small_model_command(args) -> dict:
 def doctor_command(args) -> None:
     """Print the run doctor's report on a finished (or running) run; any symptoms or none, the
     exit status is 0."""
-    history, evals = load_run(args.path)
-    print(format_report(diagnose(history, evals)))
+    run = load_run(args.path)
+    print(format_report(diagnose(run.history, run.evals, rewards=run.rewards)))
 
 
 def build_parser() -> argparse.ArgumentParser:

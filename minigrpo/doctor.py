@@ -44,16 +44,18 @@ logger = logging.getLogger("minigrpo")
 
 @dataclass(frozen=True)
 class DoctorThresholds:
-    """Where each symptom starts.  Reward thresholds assume rewards in [0, 1] (the package's
-    correctness rewards); every value is checked when built (``ValueError`` naming the field)."""
+    """Where each symptom starts; every value is checked when built (``ValueError`` naming the
+    field).  The reward thresholds are fractions of the run's reward range (``reward_range``)."""
 
     no_signal_frac: float = 0.8
     """zero_std_frac (its mean over smooth_steps) at or above which a step has no learning signal; chosen: four groups in five tie and give
     Â = 0, so the step learns from a fifth of its batch (DAPO, Yu et al. 2025 §3.3, resamples such groups away)"""
     easy_reward: float = 0.9
-    """reward_mean at or above which a tied batch is "all right" (too easy); chosen: nine completions in ten correct"""
+    """reward_mean at or above this fraction of the way from the lowest reward to the highest makes a tied batch
+    "all right" (too easy); chosen: with 0/1 rewards, nine completions in ten correct"""
     hard_reward: float = 0.1
-    """reward_mean at or below which a tied batch is "all wrong" (too hard); chosen: one completion in ten correct"""
+    """reward_mean at or below this fraction of the way makes a tied batch "all wrong" (too hard); chosen: with 0/1
+    rewards, one completion in ten correct"""
     truncated_frac: float = 0.2
     """truncated_frac (its mean over smooth_steps) at or above which truncation is a symptom; chosen: one completion in five cut at the limit
     (TRL logs the same share as completions/clipped_ratio; the healthy runs of chapters 7-8 stay under 0.15)"""
@@ -181,8 +183,9 @@ class Symptom:
 class _Step:
     """One step's metrics beside what the doctor remembers of the steps before it."""
 
-    def __init__(self, metrics: Mapping, past: _Past, evals: list[tuple[int, float]], step: int):
-        self.metrics, self.past, self.evals, self.step = metrics, past, evals, step
+    def __init__(self, metrics: Mapping, past: _Past, evals: list[tuple[int, float]], step: int,
+                 rewards: tuple[float, float]):
+        self.metrics, self.past, self.evals, self.step, self.rewards = metrics, past, evals, step, rewards
 
     def get(self, key: str) -> float | None:
         """The metric as a float, None when absent or None (NaN and inf pass through)."""
@@ -252,17 +255,20 @@ def _fmt(x: float) -> str:
 def _no_signal(kind: str) -> Test:
     """Most groups tie (zero_std_frac high), for the one likely cause ``kind`` of four, told
     apart in this order: cut at the limit, all right, all wrong, else prompts split between
-    always and never solved.  Each share is its mean over the last ``smooth_steps`` steps."""
+    always and never solved.  Each share is its mean over the last ``smooth_steps`` steps; the
+    reward is placed in the run's reward range (0 at its lowest, 1 at its highest)."""
 
     def test(s: _Step, t: DoctorThresholds):
         tied, reward, cut = (s.smoothed(k) for k in ("zero_std_frac", "reward_mean", "truncated_frac"))
         if tied is None or not tied >= t.no_signal_frac:
             return None
+        lo, hi = s.rewards
+        where = None if reward is None else (reward - lo) / (hi - lo)
         if cut is not None and cut >= t.truncated_frac:
             cause = "truncated"
-        elif reward is not None and reward >= t.easy_reward:
+        elif where is not None and where >= t.easy_reward:
             cause = "too_easy"
-        elif reward is not None and reward <= t.hard_reward:
+        elif where is not None and where <= t.hard_reward:
             cause = "too_hard"
         else:
             cause = "duplicates"
@@ -395,9 +401,10 @@ SYMPTOMS: dict[str, Symptom] = {s.code: s for s in [
         _no_signal("too_hard")),
     Symptom(
         "no_signal_duplicates", ("zero_std_frac", "reward_mean"), ("no_signal_frac", "easy_reward", "hard_reward"),
-        "each prompt's G completions score alike, right for some prompts and wrong for others: the samples "
+        "each prompt's G completions score alike, but not all at the best or the worst reward: the samples "
         "are near-duplicates (near-greedy sampling: a low temperature, or top-k, top-p or a repetition "
-        "penalty inherited from the checkpoint's generation_config), or each prompt is always or never solved.",
+        "penalty inherited from the checkpoint's generation_config), each prompt is always or never solved, "
+        "or a reward part every completion earns (a format reward) sits beside one none earns.",
         "check that one prompt's samples differ (τ near 1, every generation_config setting reset); if they "
         "do, drop tied groups and sample more (dynamic_sampling=True) or filter the prompts by difficulty.",
         _no_signal("duplicates")),
@@ -502,14 +509,31 @@ def _eval_points(evals) -> list[tuple[int, float]]:
     return sorted(points)
 
 
+def reward_range(weights: Sequence[float] = (1.0,), overlong_penalty: bool = False) -> tuple[float, float]:
+    """The lowest and highest reward r = Σ_k w_k·r_k a completion can get when each r_k is in
+    [0, 1] (the package's reward functions), with DAPO's overlong penalty (in [−1, 0], weight 1)
+    when ``overlong_penalty``."""
+    lo = sum(min(w, 0.0) for w in weights) - float(overlong_penalty)
+    hi = sum(max(w, 0.0) for w in weights)
+    if not hi > lo:
+        raise ValueError(f"reward weights {list(weights)} leave no reward range")
+    return lo, hi
+
+
 class RunDoctor:
     """Watches a run step by step.  ``check`` returns the symptoms that start at this step and
     logs each as a warning on logger ``minigrpo`` (with its cause and fix) once per episode: an
     episode ends at the first step without the symptom.  ``present`` holds the codes present at
-    the last step checked.  ``log=False``: the same findings, nothing logged (a second rank)."""
+    the last step checked.  ``rewards``: the run's (lowest, highest) possible reward
+    (``reward_range``), where tied groups' mean reward tells "all right" from "all wrong".
+    ``log=False``: the same findings, nothing logged (a second rank)."""
 
-    def __init__(self, thresholds: DoctorThresholds | None = None, *, log: bool = True):
+    def __init__(self, thresholds: DoctorThresholds | None = None, *, rewards: tuple[float, float] = (0.0, 1.0),
+                 log: bool = True):
         self.thresholds = thresholds or DoctorThresholds()
+        if not rewards[1] > rewards[0]:
+            raise ValueError(f"rewards must be (lowest, highest) with lowest < highest, got {rewards!r}")
+        self.rewards = tuple(rewards)
         self.log = log
         self.present: tuple[str, ...] = ()
         self._past = _Past(self.thresholds)
@@ -522,7 +546,7 @@ class RunDoctor:
         self._steps += 1
         step = int(metrics.get("step") or self._steps)
         points = [p for p in _eval_points(evals) if p[0] <= step]
-        view = _Step(metrics, self._past, points, step)
+        view = _Step(metrics, self._past, points, step, self.rewards)
         found = []
         for symptom in SYMPTOMS.values():
             hit = symptom.test(view, self.thresholds)
@@ -549,12 +573,13 @@ class RunDoctor:
             self.present = tuple(f.code for f in self.observe(metrics, evals))
 
 
-def diagnose(history: Sequence[Mapping], evals=None, thresholds: DoctorThresholds | None = None) -> list[Finding]:
+def diagnose(history: Sequence[Mapping], evals=None, thresholds: DoctorThresholds | None = None,
+             rewards: tuple[float, float] = (0.0, 1.0)) -> list[Finding]:
     """Every episode of every symptom in a run's ``history`` (per-step metric dicts, some
-    values None) and ``evals`` (``{step, accuracy}`` each): one ``Finding`` per episode, its
-    consecutive steps and its worst value, ordered by first step then by ``SYMPTOMS``' order.
-    Pure: logs nothing, keeps nothing."""
-    doctor = RunDoctor(thresholds, log=False)
+    values None) and ``evals`` (``{step, accuracy}`` each), for rewards in the range ``rewards``:
+    one ``Finding`` per episode, its consecutive steps and its worst value, ordered by first step
+    then by ``SYMPTOMS``' order.  Pure: logs nothing, keeps nothing."""
+    doctor = RunDoctor(thresholds, rewards=rewards, log=False)
     order = list(SYMPTOMS)
     open_: dict[str, list[Finding]] = {}
     done: list[list[Finding]] = []
@@ -579,28 +604,43 @@ def diagnose(history: Sequence[Mapping], evals=None, thresholds: DoctorThreshold
 # ---------------------------------------------------------------- reading a run, reporting
 
 
-def load_run(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """A run's (history, evals) from a result JSON (its ``history``, and its ``evals`` or
-    ``eval_before``/``eval_after``), a ``metrics.jsonl`` written by ``runlog.RunLog``, or a
-    folder holding one.  In a log, rows with ``accuracy`` are evaluations, the others steps; a
-    step logged twice (a run resumed from an earlier checkpoint) keeps its last row."""
+@dataclass
+class Run:
+    """What the doctor reads of a run: its per-step ``history``, its ``evals`` (``{step,
+    accuracy}``) and its reward range (``reward_range``)."""
+
+    history: list[dict]
+    evals: list[dict]
+    rewards: tuple[float, float] = (0.0, 1.0)
+
+
+def load_run(path: str | Path) -> Run:
+    """A run from a result JSON of ``python -m minigrpo`` (its ``history``; its ``evals``, or
+    ``eval_before``/``eval_after``; the reward range from its config's ``reward_weights`` and
+    ``overlong_cache``), a ``metrics.jsonl`` written by ``runlog.RunLog``, or a folder holding one
+    (the reward range then that of one 0/1 reward).  In a log, rows with ``accuracy`` are
+    evaluations, the others steps; a step logged twice (a run resumed from an earlier
+    checkpoint) keeps its last row."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     if path.suffix == ".jsonl":
         rows = read_jsonl(path)
-        evals = [{"step": r.get("step", 0), "accuracy": r["accuracy"]} for r in rows if r.get("accuracy") is not None]
+        evals = {r.get("step", 0): {"step": r.get("step", 0), "accuracy": r["accuracy"]}
+                 for r in rows if r.get("accuracy") is not None}
         steps = {}
         for row in rows:
             metrics = {k: v for k, v in row.items() if k != "accuracy"}
             if set(metrics) - {"step"}:
                 steps[metrics.get("step", len(steps) + 1)] = metrics
-        return list(steps.values()), list({e["step"]: e for e in evals}.values())
+        return Run(list(steps.values()), list(evals.values()))
     result = json.loads(path.read_text())
     if "history" not in result:
         raise ValueError(f"{path} has no per-step 'history' (a result JSON of python -m minigrpo, or a metrics.jsonl)")
     evals = result.get("evals") or [result[k] for k in ("eval_before", "eval_after") if k in result]
-    return result["history"], evals
+    config = result.get("config") if isinstance(result.get("config"), Mapping) else result.get("run", {}).get("grpo", {})
+    rewards = reward_range(config.get("reward_weights", (1.0,)), bool(config.get("overlong_cache")))
+    return Run(result["history"], evals, rewards)
 
 
 def _steps_text(steps: Sequence[int]) -> str:

@@ -20,6 +20,7 @@ from minigrpo.doctor import (
     diagnose,
     format_report,
     load_run,
+    reward_range,
 )
 from minigrpo.metrics import METRICS
 from minigrpo.runlog import RunLog
@@ -161,6 +162,17 @@ def test_thresholds_reject_bad_values(changes, name):
         DoctorThresholds(**changes)
 
 
+def test_the_reward_range_tells_all_right_from_a_part_every_completion_earns():
+    """Groups tied at r = 1: all right when r is in [0, 1]; beside a format reward (r in [0, 2])
+    every completion is formatted and none right, not a batch too easy."""
+    history = broken({"zero_std_frac": 0.95, "reward_mean": 1.0})
+    assert [f.code for f in diagnose(history)] == ["no_signal_too_easy"]
+    assert [f.code for f in diagnose(history, rewards=reward_range((1.0, 1.0)))] == ["no_signal_duplicates"]
+    assert reward_range((1.0, 0.5)) == (0.0, 1.5) and reward_range((1.0, -0.5), overlong_penalty=True) == (-1.5, 1.0)
+    with pytest.raises(ValueError, match="range"):
+        reward_range((0.0,))
+
+
 def test_thresholds_move_the_diagnosis():
     history = broken({"truncated_frac": 0.4})
     assert diagnose(history, thresholds=DoctorThresholds(truncated_frac=0.5)) == []
@@ -180,6 +192,10 @@ def test_doctor_cli_reads_a_result_json(tmp_path, capsys):
     path.write_text(json.dumps({"history": healthy(), "eval_before": HEALTHY_EVALS[0], "eval_after": HEALTHY_EVALS[-1]}))
     main(["doctor", str(path)])
     assert capsys.readouterr().out.strip() == "no symptoms"
+    tied_at_one = broken({"zero_std_frac": 0.95, "reward_mean": 1.0})  # a gsm8k-style result: r = correct + format
+    path.write_text(json.dumps({"history": tied_at_one, "run": {"grpo": {"reward_weights": [1.0, 1.0]}}}))
+    main(["doctor", str(path)])
+    assert "no_signal_duplicates" in capsys.readouterr().out
 
 
 def test_doctor_cli_reads_a_metrics_jsonl(tmp_path, capsys):
@@ -192,8 +208,8 @@ def test_doctor_cli_reads_a_metrics_jsonl(tmp_path, capsys):
     with RunLog(tmp_path) as log:
         for row in rows[:26] + rows[21:]:  # steps 0-25, then 21-30 again: resumed from step 20's checkpoint
             log.write(row)
-    loaded, loaded_evals = load_run(tmp_path)
-    assert [h["step"] for h in loaded] == list(range(1, 31)) and loaded_evals == evals
+    run = load_run(tmp_path)
+    assert [h["step"] for h in run.history] == list(range(1, 31)) and run.evals == evals
     main(["doctor", str(tmp_path)])
     assert "gamed_reward" in capsys.readouterr().out
     main(["doctor", str(tmp_path / "metrics.jsonl")])
