@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from minigrpo.advantages import BASELINES, SCALES
+from minigrpo.logprobs import check_truncation
 from minigrpo.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SURROGATES, check_rollout_options
 from minigrpo.metrics import METRICS
 from minigrpo.rewards import exact_match_reward
@@ -21,6 +22,8 @@ RewardFunc = Callable[[str, str], float]
 """r(completion, answer) -> float"""
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+SAMPLER_DTYPES = ("bfloat16", "float16", "float32")
+"""The dtypes a separate sampler may hold its weights in (``sampler_dtype``), torch's names."""
 OVERLONG_PENALTY = "overlong_penalty"
 """The reward part DAPO's soft overlong penalty is logged as (``reward_overlong_penalty``):
 no reward function may take the name."""
@@ -99,6 +102,16 @@ class GRPOConfig:
     off_policy_mask_threshold: float | None = None
     """δ, DeepSeek-V3.2's off-policy mask (TRL's off_policy_mask_threshold): no policy gradient for o_i with Â < 0 and mean log(π_rollout/π_θ) > δ; None: off; e.g. 0.5"""
 
+    # --- the sampler π_rollout: what draws the completions
+    top_k: int = 0
+    """k of top-k sampling: only the k likeliest tokens (after ÷ τ) are drawn, and every log-prob (π_rollout, π_old, π_θ, π_ref) and the entropy are of that truncated, renormalised law; 0: off (Qwen2.5-Instruct's card: 20)"""
+    top_p: float = 1.0
+    """p of top-p (nucleus) sampling, after top-k: the fewest likeliest tokens holding mass ≥ p are drawn, all log-probs of that law; 1: off; typical 0.8–0.95"""
+    sampler_dtype: str | None = None
+    """None: the policy samples itself; "bfloat16", "float16" or "float32": a separate copy in that dtype samples and scores ``rollout_logprobs``, its weights synced after every optimiser step, as an inference engine's are"""
+    rollout_lag: int = 0
+    """k, staleness: the sampler holds the policy's weights of k optimiser updates ago (μ × num_minibatches updates per step; the initial weights until k have happened), as in asynchronous RL; k > 0 means a separate sampler (in the policy's dtype unless ``sampler_dtype``); 0–4"""
+
     # --- the optimiser (AdamW)
     lr: float = 1e-4
     """η, peak learning rate; tiny model 3e-5–2e-4, 0.5B model with LoRA 1e-5–1e-4, full fine-tuning 1e-6–5e-6"""
@@ -160,6 +173,10 @@ class GRPOConfig:
             raise ValueError("surrogate='cispo' needs ratio_level='token'")
         check_rollout_options(self.rollout_correction, self.rollout_ratio_min, self.rollout_ratio_max,
                               self.off_policy_mask_threshold)
+        check_truncation(self.top_k, self.top_p)
+        if self.sampler_dtype is not None and self.sampler_dtype not in SAMPLER_DTYPES:
+            raise ValueError(f"sampler_dtype must be None or one of {SAMPLER_DTYPES}, got {self.sampler_dtype!r}")
+        check_number(self, "rollout_lag", int, low=0)
         for name in ("beta", "alpha", "weight_decay", "eps_high"):
             check_number(self, name, float, low=0, optional=name == "eps_high")
         check_number(self, "eps_low", float, low=0, high=1)
@@ -173,6 +190,12 @@ class GRPOConfig:
         if clashes:  # each is logged as reward_<name>: the names must be distinct and new
             raise ValueError(f"reward_funcs need distinct __name__s that are not logged metrics (nor "
                              f"{OVERLONG_PENALTY!r}, the overlong penalty's), got {clashes}")
+
+    @property
+    def separate_sampler(self) -> bool:
+        """True when a copy of the policy samples (``models.Sampler``), not the policy itself: a
+        ``sampler_dtype`` is given or ``rollout_lag`` > 0.  The one place this is decided."""
+        return self.sampler_dtype is not None or self.rollout_lag > 0
 
     @property
     def eval_tokens(self) -> int:

@@ -53,7 +53,7 @@ def truncate_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) ->
     - top-p: sort ascending, drop the tokens whose cumulative softmax is ≤ 1 − p (the smallest
       ones, whose mass together is at most 1 − p), always keeping the largest; p = 1: all.
     """
-    _validate_truncation(top_k, top_p)
+    check_truncation(top_k, top_p)
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -186,7 +186,9 @@ def _validate(logits: torch.Tensor, tokens: torch.Tensor | None) -> None:
         raise ValueError(f"tokens must be ids in [0, {logits.shape[-1]}) (the logits' last dim)")
 
 
-def _validate_truncation(top_k, top_p) -> None:
+def check_truncation(top_k, top_p) -> None:
+    """The top-k / top-p settings (``truncate_logits``'s, ``GRPOConfig``'s, same names): k an int
+    ≥ 0 (0: off), p a number in (0, 1] (1: off); ``ValueError`` naming the argument otherwise."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an int ≥ 0 (0: off), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
@@ -216,7 +218,7 @@ def token_logprobs_and_entropy(
         Both are differentiable; the extra memory is a few MB, never a copy of the logits.
     """
     _validate(logits, tokens)
-    _validate_truncation(top_k, top_p)
+    check_truncation(top_k, top_p)
     vocab = logits.shape[-1]
     flat_tokens = None if tokens is None else tokens.reshape(-1).long()  # (R,)
     logprobs, entropy = _TokenLogprobsEntropy.apply(logits.reshape(-1, vocab), flat_tokens, True, top_k, top_p)
@@ -234,7 +236,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, top_k: int = 0
     if tokens is None:
         raise ValueError("tokens must be given (use token_entropy for the entropy alone)")
     _validate(logits, tokens)
-    _validate_truncation(top_k, top_p)
+    check_truncation(top_k, top_p)
     vocab = logits.shape[-1]
     flat_tokens = tokens.reshape(-1).long()  # (R,)
     logprobs, _ = _TokenLogprobsEntropy.apply(logits.reshape(-1, vocab), flat_tokens, False, top_k, top_p)

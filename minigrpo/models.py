@@ -383,6 +383,7 @@ class Sampler:
                 if id(p) not in shared:
                     p.data = p.data.to(self.dtype)
                 p.requires_grad_(False)
+                p.grad = None  # a copied gradient would only take memory
         held = dict(self.model.named_parameters())
         self.held = [held[n] for n, _ in self.trainable]  # the copy's counterparts of the trainable weights
         self.queue: collections.deque[list[torch.Tensor]] = collections.deque()

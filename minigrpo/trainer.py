@@ -16,6 +16,13 @@ ranks, before any backward pass, and every piece divides by it (``losses.aggrega
 ``normalizer``); the pieces' gradients then add up to the whole batch's.  Micro-batches of at
 most ``rows_per_pass`` rows bound the memory of the update's logits and their gradient.
 
+With ``sampler_dtype`` or ``rollout_lag`` set, a separate copy of the policy samples, as an
+inference engine would (``models.Sampler``): in its own dtype, with the weights of
+``rollout_lag`` optimiser updates ago, synced after every update; it scores its own
+``rollout_logprobs``, which the loss's rollout correction (``rollout_correction``,
+``off_policy_mask_threshold``) weighs against π_θold.  With ``top_k`` / ``top_p`` the sampler
+truncates, and every log-prob (π_rollout, π_θold, π_θ, π_ref) is of the same truncated law.
+
 Under ``torchrun`` (``distributed.init_distributed``) each rank samples its share of the
 prompts, the gradients are summed over ranks once per optimiser step
 (``distributed.sum_gradients``), metrics are averaged over ranks and rank 0 writes checkpoints.
@@ -47,12 +54,15 @@ from minigrpo.distributed import (broadcast_parameters, dist_info, gather_object
 from minigrpo.evaluation import EvalResult, evaluate
 from minigrpo.losses import LENGTH_METRICS, aggregation_normalizer, grpo_loss, length_metrics
 from minigrpo.metrics import MetricLog, reduce_updates
-from minigrpo.models import is_lora, peak_memory, reference_model
+from minigrpo.models import Sampler, is_lora, peak_memory, reference_model
 from minigrpo.optim import adamw, lr_lambda
 from minigrpo.rollout import (Rollout, completion_logprobs, concat_rollouts, model_device, rollout, row_chunks,
                               select_groups, shared_prefix_rows)
 
 logger = logging.getLogger("minigrpo")
+
+SAMPLER_FILE = "sampler.safetensors"
+"""A checkpoint's file of the lagged sampler's weights and queue (``rollout_lag`` > 0 only)."""
 
 # ---------------------------------------------------------------- the trainer
 
@@ -63,9 +73,11 @@ class GRPOTrainer:
 
     ``train_examples`` / ``eval_examples`` are lists of ``{"prompt", "answer"}``.  The reference
     model π_ref (kept when β > 0) is ``models.reference_model(model)``: the LoRA policy with its
-    adapter switched off, else a frozen copy of ``model`` as given.  The trainer draws its random
-    numbers from its own generator state, seeded by ``config.seed`` (+ rank), and leaves the
-    global RNGs as they were.
+    adapter switched off, else a frozen copy of ``model`` as given.  The sampler π_rollout, when
+    the config asks for a separate one (``GRPOConfig.separate_sampler``), is a ``models.Sampler``
+    built from ``model`` as given, else None (the policy samples itself).  The trainer draws its
+    random numbers from its own generator state, seeded by ``config.seed`` (+ rank), and leaves
+    the global RNGs as they were.
     """
 
     def __init__(self, model, tokenizer, train_examples, eval_examples, config: GRPOConfig):
@@ -86,6 +98,10 @@ class GRPOTrainer:
         broadcast_parameters(model)  # every rank starts from rank 0's weights
         self.ref_model = reference_model(model) if config.beta > 0 else None
         self.owns_ref = self.ref_model is not None and not is_lora(model)  # a copy: it goes in checkpoints
+        self.sampler = None
+        if config.separate_sampler:
+            dtype = None if config.sampler_dtype is None else getattr(torch, config.sampler_dtype)
+            self.sampler = Sampler(model, dtype, config.rollout_lag)
         self.prompt_rng = random.Random(config.seed + self.rank)
         self.rng_state = self._seeded_rng_state(config.seed + self.rank)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -133,12 +149,14 @@ class GRPOTrainer:
         return [self.train_examples[self.prompt_rng.randrange(len(self.train_examples))] for _ in range(k)]
 
     def sample_groups(self, examples) -> Rollout:
-        """G completions per example from the current policy, scored (``minigrpo.rollout``)."""
+        """G completions per example, drawn by the sampler (the policy itself when there is none)
+        and scored (``minigrpo.rollout``)."""
         c = self.config
         return rollout(
             self.model, self.tokenizer, examples, group_size=c.group_size, temperature=c.temperature,
             max_new_tokens=c.max_new_tokens, ref_model=self.ref_model, score_old=not self.single_update,
-            rows_per_pass=c.rows_per_pass, shared_prefill=c.shared_prefill,
+            rows_per_pass=c.rows_per_pass, shared_prefill=c.shared_prefill, top_k=c.top_k, top_p=c.top_p,
+            sampler=None if self.sampler is None else self.sampler.model,
         )
 
     def rewarded_groups(self) -> tuple[Rollout, torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -258,26 +276,32 @@ class GRPOTrainer:
             r = rows[chunk]
             logprobs, entropy = completion_logprobs(
                 self.model, batch.prompt_ids[r], batch.prompt_mask[r], batch.completion_ids[r], mask[chunk],
-                c.temperature, shared,
+                c.temperature, shared, top_k=c.top_k, top_p=c.top_p,
             )  # (n, T), (n, T)
             old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[r]
             ref = None if batch.ref_logprobs is None else batch.ref_logprobs[r]
-            self.loss(logprobs, old, advantages[r], mask[chunk], ref, entropy, normalizer).loss.backward()
-            pieces.append((logprobs.detach(), old, ref, entropy.detach()))
+            sampled = None if batch.rollout_logprobs is None else batch.rollout_logprobs[r]
+            self.loss(logprobs, old, advantages[r], mask[chunk], ref, entropy, normalizer, sampled).loss.backward()
+            pieces.append((logprobs.detach(), old, ref, entropy.detach(), sampled))
         return self.finish_update(batch, advantages, rows, mask, pieces, normalizer)
 
-    def loss(self, logprobs, old, advantages, mask, ref, entropy, normalizer):
-        """``grpo_loss`` of these rows with the config's options, divided by ``normalizer``."""
+    def loss(self, logprobs, old, advantages, mask, ref, entropy, normalizer, rollout_logprobs=None):
+        """``grpo_loss`` of these rows with the config's options, divided by ``normalizer``;
+        ``rollout_logprobs`` (the sampler's, None without one) for the rollout correction."""
         c = self.config
         return grpo_loss(
             logprobs, old, advantages, mask, ref_logprobs=ref, entropy=entropy, beta=c.beta, alpha=c.alpha,
             eps_low=c.eps_low, eps_high=c.eps_high, loss_type=c.loss_type, ratio_level=c.ratio_level,
             kl_estimator=c.kl_estimator, max_len=c.max_new_tokens, surrogate=c.surrogate,
-            kl_bias_correction=c.kl_bias_correction, normalizer=normalizer,
+            kl_bias_correction=c.kl_bias_correction, normalizer=normalizer, rollout_logprobs=rollout_logprobs,
+            rollout_correction=c.rollout_correction, rollout_ratio_min=c.rollout_ratio_min,
+            rollout_ratio_max=c.rollout_ratio_max, off_policy_mask_threshold=c.off_policy_mask_threshold,
         )
 
     def finish_update(self, batch, advantages, rows, mask, pieces, normalizer) -> MetricLog:
-        """Sum the gradient over ranks, clip and step (or skip a non-finite one); the update's
+        """Sum the gradient over ranks, clip and step (or skip a non-finite one: no update, the
+        sampler stays), then sync the sampler (``Sampler.updated``: it takes the weights of
+        ``rollout_lag`` updates ago); the update's
         metrics: the loss terms of the whole mini-batch (summed over its pieces and ranks), and
         ``grpo_loss``'s token statistics of this rank's share, completion lengths counting every
         completion (also those ``mask_truncated`` takes out of the loss)."""
@@ -286,14 +310,16 @@ class GRPOTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
         if math.isfinite(grad_norm):
             self.optimizer.step()
+            if self.sampler is not None:
+                self.sampler.updated()
         else:  # every rank holds the same summed gradient: every rank skips alike
             logger.warning("step %d: gradient norm %s, optimiser step skipped", self.step + 1, grad_norm)
             grad_norm = None
         self.optimizer.zero_grad(set_to_none=True)
         if rows.numel():
-            logprobs, old, ref, entropy = (None if pieces[0][k] is None else torch.cat([p[k] for p in pieces])
-                                           for k in range(4))
-            out = self.loss(logprobs, old, advantages[rows], mask, ref, entropy, normalizer)
+            logprobs, old, ref, entropy, sampled = (None if pieces[0][k] is None else torch.cat([p[k] for p in pieces])
+                                                    for k in range(5))
+            out = self.loss(logprobs, old, advantages[rows], mask, ref, entropy, normalizer, sampled)
             terms = [out.loss.item(), out.policy_loss.item(), out.entropy.item(), 0.0 if out.kl is None else out.kl.item()]
             stats = {k: v for k, v in out.metrics.items() if k not in LENGTH_METRICS}
             stats.update(length_metrics(batch.completion_mask[rows], advantages[rows]))
@@ -383,7 +409,8 @@ class GRPOTrainer:
     # --- checkpoints
 
     def save_checkpoint(self, directory: str | Path) -> None:
-        """Parameters (under LoRA the adapter's; and the trainer's own reference copy) as safetensors; optimizer,
+        """Parameters (under LoRA the adapter's; and the trainer's own reference copy; and, with
+        ``rollout_lag`` > 0, the sampler's lagged weights and queue, ``Sampler.state_dict``) as safetensors; optimizer,
         scheduler, step, history, evaluations, ``run_info`` and config in ``trainer_state.pt``;
         each rank's random state in ``rng_rank{r}.pt``.  Everything loads with
         ``weights_only=True``; the folder is replaced whole or not at all (``checkpoints``)."""
@@ -393,6 +420,8 @@ class GRPOTrainer:
                 self._save_model(folder / "model.safetensors")
                 if self.owns_ref:
                     safetensors.torch.save_model(self.ref_model, str(folder / "ref_model.safetensors"))
+                if self.sampler is not None and self.sampler.lag:
+                    safetensors.torch.save_file(self.sampler.state_dict(), str(folder / SAMPLER_FILE))
                 torch.save({
                     "step": self.step, "history": [dict(h) for h in self.history],
                     "evals": [dataclasses.asdict(e) for e in self.evals], "config": self.config.to_dict(),
@@ -433,6 +462,10 @@ class GRPOTrainer:
         self._load_model(folder / "model.safetensors")
         if self.owns_ref:
             safetensors.torch.load_model(self.ref_model, str(folder / "ref_model.safetensors"), device=str(self.device))
+        if self.sampler is not None:  # lag 0: the sampler takes the policy's weights just loaded
+            lagged = self.sampler.lag > 0
+            self.sampler.load_state_dict(
+                safetensors.torch.load_file(str(folder / SAMPLER_FILE), device=str(self.device)) if lagged else {})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]

@@ -20,7 +20,8 @@ from minigrpo.advantages import combine, compute_rewards, live_groups, soft_over
 from minigrpo.config import GRPOConfig
 from minigrpo.distributed import params_sha256
 from minigrpo.optim import lr_lambda
-from minigrpo.trainer import GRPOTrainer
+from minigrpo.rollout import score
+from minigrpo.trainer import SAMPLER_FILE, GRPOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,6 +93,14 @@ def test_every_config_field_is_documented():
     (dict(dynamic_sampling=1), "dynamic_sampling"),
     (dict(max_sampling_rounds=0), "max_sampling_rounds"),
     (dict(eval_max_new_tokens=0), "eval_max_new_tokens"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=2.0), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(sampler_dtype="fp16"), "sampler_dtype"),
+    (dict(sampler_dtype=True), "sampler_dtype"),
+    (dict(rollout_lag=-1), "rollout_lag"),
+    (dict(rollout_lag=1.5), "rollout_lag"),
     (dict(rollout_correction="tis"), "rollout_correction"),
     (dict(rollout_ratio_min=0.0), "rollout_ratio_min"),
     (dict(rollout_ratio_min=-1.0), "rollout_ratio_min"),
@@ -488,3 +497,201 @@ def test_checkpoints_refuse_another_config_and_survive_a_crash_while_writing(tmp
     again = make_trainer(steps=2, beta=0.04)
     again.load_checkpoint(folder)
     assert again.step == 2 and params_sha256(again.model) == params_sha256(trainer.model)
+
+
+# ---------------------------------------------------------------- a sampler that is a different program
+
+
+def strip_time(history):
+    return [{k: v for k, v in m.items() if k != "step_seconds"} for m in history]
+
+
+def keep_batches(trainer) -> list:
+    """Every training batch ``trainer`` samples from now on (its ``sample_batch`` wrapped)."""
+    batches, sample_batch = [], trainer.sample_batch
+
+    def spy():
+        out = sample_batch()
+        batches.append(out[0])
+        return out
+
+    trainer.sample_batch = spy
+    return batches
+
+
+def test_without_a_separate_sampler_the_policy_samples_as_before(monkeypatch):
+    """No sampler_dtype and lag 0 (the defaults): no sampler is built, ``rollout`` gets
+    ``sampler=None``, ``top_k=0``, ``top_p=1.0`` (its code path of before: the policy samples
+    softmax(logits / τ) and scores it), batches have no rollout log-probs, and the run is bit for
+    bit the default config's."""
+    from minigrpo import trainer as trainer_module
+
+    seen, real = [], trainer_module.rollout
+    monkeypatch.setattr(trainer_module, "rollout", lambda *a, **k: seen.append(k) or real(*a, **k))
+    config = dict(steps=3, lr=1e-2, beta=0.04, num_updates=2)
+    default = make_trainer(**config)
+    batches = keep_batches(default)
+    default.train(progress=False)
+    explicit = make_trainer(**config, sampler_dtype=None, rollout_lag=0, top_k=0, top_p=1.0)
+    explicit.train(progress=False)
+    assert default.sampler is None and not default.config.separate_sampler
+    assert all(k["sampler"] is None and k["top_k"] == 0 and k["top_p"] == 1.0 for k in seen)
+    assert all(b.rollout_logprobs is None for b in batches)
+    assert params_sha256(explicit.model) == params_sha256(default.model)
+    assert strip_time(explicit.history) == strip_time(default.history)
+
+
+def test_a_float32_sampler_at_lag_0_scores_what_the_policy_scores():
+    """sampler_dtype="float32", lag 0: a copy synced after every update draws the tokens; its
+    rollout log-probs equal π_θold's to 1e-6 (the same weights in other memory: MKL rounds by
+    alignment, a few float32 ulps), at every step, after the syncs too."""
+    trainer = make_trainer(steps=3, lr=1e-2, num_updates=2, sampler_dtype="float32")
+    assert trainer.sampler is not None and trainer.sampler.model is not trainer.model
+    batches = keep_batches(trainer)
+    trainer.train(progress=False)
+    assert len(batches) == 3
+    for batch in batches:
+        on = batch.completion_mask.bool()
+        torch.testing.assert_close(batch.rollout_logprobs[on], batch.old_logprobs[on], rtol=0, atol=1e-6)
+    assert params_sha256(trainer.sampler.model) == params_sha256(trainer.model)  # synced after the last update
+
+
+def test_a_lagged_sampler_holds_the_policys_weights_of_k_updates_ago():
+    """rollout_lag = 3, two updates per step: the rollout of step s comes from θ_{2(s−1)−3}
+    (θ_0 while fewer than 3 updates have happened).  Each batch's rollout log-probs are what a
+    saved copy of those weights scores for the same completions (to 1e-6); once the policy has
+    moved (step 2 on) they differ from π_θold's."""
+    trainer = make_trainer(steps=4, lr=1e-2, beta=0.0, num_minibatches=2, rollout_lag=3)
+    assert trainer.sampler.dtype == torch.float32  # the policy's dtype: no sampler_dtype given
+    snapshots = [{n: w.clone() for n, w in trainer.model.state_dict().items()}]  # θ_0
+    updated = trainer.sampler.updated
+
+    def record():
+        snapshots.append({n: w.clone() for n, w in trainer.model.state_dict().items()})
+        updated()
+
+    trainer.sampler.updated = record
+    batches = keep_batches(trainer)
+    trainer.train(progress=False)
+    assert len(snapshots) == 1 + 4 * 2 and len(trainer.sampler.queue) == 3
+    tau = trainer.config.temperature
+    for step, batch in enumerate(batches, start=1):
+        lagged = build_model(build_tokenizer(), SMALL, seed=1)
+        lagged.load_state_dict(snapshots[max(0, 2 * (step - 1) - 3)])
+        on = batch.completion_mask.bool()
+        expected = score(lagged.eval(), batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                         batch.completion_mask, tau)
+        torch.testing.assert_close(batch.rollout_logprobs[on], expected[on], rtol=0, atol=1e-6)
+        gap = (batch.rollout_logprobs - batch.old_logprobs)[on].abs().max().item()
+        assert (gap > 1e-3) == (step >= 2), (step, gap)  # step 1: no update yet, θ_0 = θ_old
+
+
+def test_a_bfloat16_sampler_differs_a_little_and_training_stays_finite():
+    """sampler_dtype="bfloat16": the sampler's log-probs differ from π_θold's by a small nonzero
+    amount (bfloat16 weights and logits), the rollout correction sees it, and training is finite."""
+    trainer = make_trainer(steps=3, lr=1e-2, beta=0.04, num_updates=2, sampler_dtype="bfloat16",
+                           rollout_correction="token_truncate", top_p=0.9)
+    assert {p.dtype for p in trainer.sampler.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    batches = keep_batches(trainer)
+    trainer.train(progress=False)
+    for batch in batches:
+        on = batch.completion_mask.bool()
+        gap = (batch.rollout_logprobs - batch.old_logprobs)[on].abs()
+        assert 0 < gap.max() < 0.1 and gap.mean() < 0.02
+    for h in trainer.history:
+        assert all(v is None or math.isfinite(v) for v in h.values())
+        assert h["sampling_logp_difference_mean"] > 0 and h["grad_norm"] is not None
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_resume_of_a_lagged_run_is_exact(tmp_path, dtype):
+    """rollout_lag = 3 with two updates per step: stopped after 2 steps the sampler holds θ_1 and
+    θ_2, θ_3, θ_4 wait in its queue; the checkpoint keeps them (safetensors, and a
+    ``weights_only`` state), and the resumed run equals the unbroken one."""
+    config = dict(steps=5, lr=3e-3, beta=0.04, num_minibatches=2, rollout_lag=3, sampler_dtype=dtype)
+    straight = make_trainer(**config)
+    straight.train(progress=False)
+    first = make_trainer(**config)
+    first.train(until=2, checkpoint_dir=tmp_path, progress=False)
+    torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert (tmp_path / SAMPLER_FILE).exists() and len(first.sampler.queue) == 3
+    resumed = make_trainer(**config)
+    resumed.load_checkpoint(tmp_path)
+    resumed.train(progress=False)
+    assert params_sha256(resumed.model) == params_sha256(straight.model)
+    assert params_sha256(resumed.sampler.model) == params_sha256(straight.sampler.model)
+    assert strip_time(resumed.history) == strip_time(straight.history)
+
+
+def test_a_lora_policys_lagged_sampler_shares_the_base_and_queues_the_adapter(tmp_path):
+    """A LoRA policy sampled in its own dtype: the sampler's frozen base weights are the policy's
+    own tensors (no copy), only the adapter is queued and checkpointed, and resume is exact."""
+    import safetensors.torch
+
+    def lora_trainer():
+        tokenizer = build_tokenizer()
+        base = models.random_model(models.qwen25_05b_config(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # peft draws A from the global RNG: the same adapter in every run
+            policy = models.prepare_for_training(base, lora_rank=2)
+        return make_trainer(policy, steps=3, lr=1e-2, rollout_lag=1)
+
+    straight = lora_trainer()
+    policy, sampler = dict(straight.model.named_parameters()), dict(straight.sampler.model.named_parameters())
+    assert all((sampler[n] is p) == (not p.requires_grad) for n, p in policy.items())
+    straight.train(progress=False)
+    first = lora_trainer()
+    first.train(until=2, checkpoint_dir=tmp_path, progress=False)
+    adapter = {n for n, p in first.model.named_parameters() if p.requires_grad}
+    saved = safetensors.torch.load_file(str(tmp_path / SAMPLER_FILE))
+    assert set(saved) == {f"held.{n}" for n in adapter} | {f"queue.0.{n}" for n in adapter}
+    resumed = lora_trainer()
+    resumed.load_checkpoint(tmp_path)
+    resumed.train(progress=False)
+    assert params_sha256(resumed.model) == params_sha256(straight.model)
+    assert strip_time(resumed.history) == strip_time(straight.history)
+
+
+def test_dynamic_sampling_carries_rollout_logprobs():
+    """The groups dynamic sampling keeps, from several rollouts, keep their rollout log-probs:
+    the sampler's scores of the kept completions (to 1e-5: the re-padded batch runs in other
+    shapes)."""
+    trainer = make_trainer(dynamic_sampling=True, max_sampling_rounds=3, sampler_dtype="float32")
+    with trainer.own_rng():
+        batch, _, _, metrics = trainer.sample_batch()
+    assert batch.rollout_logprobs.shape == batch.completion_ids.shape
+    assert metrics["groups_sampled"] > 4, metrics["groups_sampled"]  # groups of several rollouts, re-padded
+    on = batch.completion_mask.bool()
+    expected = score(trainer.sampler.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                     batch.completion_mask, trainer.config.temperature)
+    torch.testing.assert_close(batch.rollout_logprobs[on], expected[on], rtol=0, atol=1e-5)
+
+
+def test_truncation_and_rollout_options_reach_the_loss(monkeypatch):
+    """top_k / top_p reach the rollout and the update's forward pass; the micro-batch's rollout
+    log-probs and the rollout-correction options reach ``grpo_loss``.  Scored under the same
+    truncation, the first update's ratio is exactly 1 (π_θ = π_θold)."""
+    from minigrpo import trainer as trainer_module
+
+    seen = {"loss": [], "forward": []}
+    real_loss, real_forward = trainer_module.grpo_loss, trainer_module.completion_logprobs
+    monkeypatch.setattr(trainer_module, "grpo_loss", lambda *a, **k: seen["loss"].append((a, k)) or real_loss(*a, **k))
+    monkeypatch.setattr(trainer_module, "completion_logprobs",
+                        lambda *a, **k: seen["forward"].append(k) or real_forward(*a, **k))
+    monkeypatch.setattr(GRPOTrainer, "single_update", property(lambda self: False))  # π_θold from the rollout
+    trainer = make_trainer(steps=1, lr=1e-2, temperature=0.7, top_k=5, top_p=0.8, sampler_dtype="bfloat16",
+                           rollout_correction="sequence_mask", rollout_ratio_min=0.5, rollout_ratio_max=2.0,
+                           off_policy_mask_threshold=0.4, rows_per_pass=8)
+    h = trainer.train_step()
+    assert all(k == {"top_k": 5, "top_p": 0.8} for k in seen["forward"])
+    assert len(seen["loss"]) == 3  # two micro-batches of 8 rows, then the whole batch's metrics
+    for args, kwargs in seen["loss"]:
+        assert kwargs["rollout_logprobs"].shape == args[0].shape
+        assert {k: kwargs[k] for k in ("rollout_correction", "rollout_ratio_min", "rollout_ratio_max",
+                                       "off_policy_mask_threshold")} == {
+            "rollout_correction": "sequence_mask", "rollout_ratio_min": 0.5, "rollout_ratio_max": 2.0,
+            "off_policy_mask_threshold": 0.4}
+    assert h["ratio_min"] == h["ratio_max"] == 1.0
