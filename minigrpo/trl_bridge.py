@@ -44,7 +44,7 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
     with what has no TRL counterpart: the k1/k2 estimators, shuffled rewards, the leave-one-out
     baseline, dynamic sampling, per-reward normalisation or the overlong penalty
     (TRL has it as a reward function, ``trl.rewards.get_soft_overlong_punishment``), nor for a
-    "*_truncate" correction without any bound or one with C_min = C_max (TRL wants at least one
+    ``"*_truncate"`` correction without any bound or one with C_min = C_max (TRL wants at least one
     bound and C_min < C_max): those raise ``ValueError``.
     """
     processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launched_world_size()
