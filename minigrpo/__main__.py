@@ -9,7 +9,8 @@
     python -m minigrpo gsm8k --smoke --out runs/gsm8k-smoke.json                        # CPU check
     python -m minigrpo small-model --seed 0 --out runs/small-model.json   # SmolLM2 learning on a CPU
     torchrun --nproc-per-node 2 -m minigrpo arithmetic --seed 0 --out r.json   # DDP, gloo on CPU
-    python -m minigrpo doctor runs/seed0.json     # the run doctor: symptoms, causes, fixes
+    python -m minigrpo arithmetic --seed 0 --out r.json --log-dir runs/log0   # metrics.jsonl + TensorBoard
+    python -m minigrpo doctor runs/seed0.json     # the run doctor: symptoms, causes, fixes (or runs/log0)
 
 This module only parses arguments: the runs are ``minigrpo.arithmetic.run_arithmetic`` and
 ``minigrpo.gsm8k.run_gsm8k`` (GSM8K and the small-model run), the diagnosis
@@ -86,7 +87,7 @@ def arithmetic_command(args) -> dict:
     warmup, config = arithmetic_configs(args)
     result = run_arithmetic(warmup, config, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                             stop_after=args.stop_after, warmup_cache=args.warmup_cache,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, log_dir=args.log_dir)
     if dist_info()[0] == 0:
         print(f"seed {args.seed}: held-out accuracy {result['acc_before']:.3f} -> {result['acc_after']:.3f} "
               f"after {result['steps']} steps (warm-up {result['sft_seconds']:.1f} s, GRPO {result['grpo_seconds']:.1f} s)")
@@ -107,7 +108,7 @@ def gsm8k_command(args) -> dict:
         if getattr(args, name) is not None:
             setattr(run, name, getattr(args, name))
     result = gsm8k.run_gsm8k(run, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-                             resume=args.resume, stop_after=args.stop_after)
+                             resume=args.resume, stop_after=args.stop_after, log_dir=args.log_dir)
     if dist_info()[0] == 0:
         print(f"[{run.name} configuration] GSM8K test accuracy {result['acc_before']:.3f} -> "
               f"{result['acc_after']:.3f} (n = {result['n_eval']}, McNemar p = {result['p_value']:.3g}) "
@@ -118,7 +119,7 @@ def gsm8k_command(args) -> dict:
 def small_model_command(args) -> dict:
     run = gsm8k.small_model_run(args.seed, shuffle_rewards=args.shuffle_rewards)
     run.grpo = dataclasses.replace(run.grpo, **parse_overrides(args.set, GRPOConfig))
-    result = gsm8k.run_gsm8k(run, progress=not args.no_progress)
+    result = gsm8k.run_gsm8k(run, progress=not args.no_progress, log_dir=args.log_dir)
     print(f"[small-model, seed {args.seed}{', shuffled rewards' if args.shuffle_rewards else ''}] held-out "
           f"accuracy {result['acc_before']:.3f} -> {result['acc_after']:.3f} (n = {result['n_eval']}, "
           f"McNemar p = {result['p_value']:.3g})")
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a GRPOConfig field")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 per rank under torchrun)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--log-dir", default=None,
+                       help="append each step's metrics to DIR/metrics.jsonl (and TensorBoard, if installed)")
 
     p = subparsers.add_parser("doctor", help="symptoms of a silently broken run, their likely causes and fixes")
     p.add_argument("path", metavar="RUN", help="a result JSON of the commands above, a metrics.jsonl, or its folder")

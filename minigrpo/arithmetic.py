@@ -158,13 +158,14 @@ def warmup_model(config: WarmupConfig, cache_dir: str | Path | None = None, prog
 
 
 def run_arithmetic(warmup: WarmupConfig, config: GRPOConfig, *, checkpoint_dir=None, resume: bool = False,
-                   stop_after: int | None = None, warmup_cache=None, progress: bool = True) -> dict:
+                   stop_after: int | None = None, warmup_cache=None, progress: bool = True, log_dir=None) -> dict:
     """Warm-up, then GRPO; returns the result (JSON-ready): held-out greedy accuracy before and
     after (acc_before, acc_after), the phases' wall times (sft_seconds, grpo_seconds,
     total_seconds), steps, the SHA-256 of the final parameters (params_sha256), both configs,
     the per-step metrics and the evaluations.  ``stop_after`` stops early (checkpointing to
     ``checkpoint_dir``); ``resume`` continues from the checkpoint there (``checkpoints.to_resume``:
-    an existing folder without one starts at step 0; a missing folder is a ``ValueError``)."""
+    an existing folder without one starts at step 0; a missing folder is a ``ValueError``);
+    ``log_dir`` gets the run log (``GRPOTrainer.train``)."""
     start = time.perf_counter()
     rank, world_size = dist_info()
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -187,7 +188,7 @@ def run_arithmetic(warmup: WarmupConfig, config: GRPOConfig, *, checkpoint_dir=N
     else:
         trainer.run_info["warmup"] = {k: warmup_info[k] for k in ("sft_seconds", "sft_cpu_seconds", "cached")}
     resumed_from = trainer.step
-    trainer.train(until=stop_after, checkpoint_dir=checkpoint_dir, progress=progress)
+    trainer.train(until=stop_after, checkpoint_dir=checkpoint_dir, progress=progress, log_dir=log_dir)
     grpo_seconds, grpo_cpu_seconds = time.perf_counter() - grpo_start, time.process_time() - grpo_cpu_start
     return {
         "task": "arithmetic",

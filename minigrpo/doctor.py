@@ -512,12 +512,10 @@ def _eval_points(evals) -> list[tuple[int, float]]:
 def reward_range(weights: Sequence[float] = (1.0,), overlong_penalty: bool = False) -> tuple[float, float]:
     """The lowest and highest reward r = Σ_k w_k·r_k a completion can get when each r_k is in
     [0, 1] (the package's reward functions), with DAPO's overlong penalty (in [−1, 0], weight 1)
-    when ``overlong_penalty``."""
+    when ``overlong_penalty``; (0, 1) when every weight is 0."""
     lo = sum(min(w, 0.0) for w in weights) - float(overlong_penalty)
     hi = sum(max(w, 0.0) for w in weights)
-    if not hi > lo:
-        raise ValueError(f"reward weights {list(weights)} leave no reward range")
-    return lo, hi
+    return lo, max(hi, lo + 1.0)  # all weights 0: every reward is 0, at the bottom of any range
 
 
 class RunDoctor:

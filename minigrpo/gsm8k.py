@@ -185,7 +185,7 @@ def load_examples(run: GSM8KRun, tokenizer, split: str) -> list[dict[str, str]]:
 
 
 def run_gsm8k(run: GSM8KRun, progress: bool = True, *, checkpoint_dir=None, resume: bool = False,
-              stop_after: int | None = None) -> dict:
+              stop_after: int | None = None, log_dir=None) -> dict:
     """Load, evaluate on the test split, train with GRPO, evaluate again; everything in a dict
     (JSON-ready): accuracies with n and intervals, the paired test, per-step history, sample
     completions, seconds per phase, the final parameters' SHA-256.
@@ -194,7 +194,8 @@ def run_gsm8k(run: GSM8KRun, progress: bool = True, *, checkpoint_dir=None, resu
     stops; ``stop_after`` stops after that step (the "after" evaluation is then the last one
     made, ``acc_after_step`` says which); ``resume`` continues from the checkpoint in
     ``checkpoint_dir`` (``checkpoints.to_resume``), so a run cut off (a Colab disconnect) loses
-    at most the steps since the last checkpoint."""
+    at most the steps since the last checkpoint; ``log_dir`` gets the run log
+    (``GRPOTrainer.train``)."""
     resuming = resume and checkpoints.to_resume(checkpoint_dir) is not None
     start = time.perf_counter()
     model, tokenizer = load_model(run)
@@ -206,7 +207,7 @@ def run_gsm8k(run: GSM8KRun, progress: bool = True, *, checkpoint_dir=None, resu
         trainer.load_checkpoint(checkpoint_dir)
     resumed_from = trainer.step
     start = time.perf_counter()
-    history = trainer.train(until=stop_after, checkpoint_dir=checkpoint_dir, progress=progress)
+    history = trainer.train(until=stop_after, checkpoint_dir=checkpoint_dir, progress=progress, log_dir=log_dir)
     train_seconds = sum(h["step_seconds"] for h in history)
     before, after = trainer.evals[0], trainer.evals[-1]
     trainable, total = models.count_parameters(model)

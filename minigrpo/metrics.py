@@ -46,12 +46,13 @@ METRICS = {
     "step_seconds": "seconds per step",
     "peak_memory_gib": "peak GPU memory (GiB)",
     "accuracy": "held-out accuracy (greedy)",
+    "symptoms": "the run doctor's symptoms present at the step (a list of codes, not a number)",
 }
 """Every number the trainer logs, by name, with its axis label.  Each is computed in exactly one
 place: ``sample_batch`` (rewards, sampled groups, truncation), ``train_step`` (time), ``grpo_loss``'s metrics (clip fractions, ratios,
 token means; the sampler's mismatch, the rollout correction and the off-policy mask, ``rollout_metrics``),
 ``GRPOTrainer.update`` (loss terms, gradient norm, masked share), ``policy_updates`` (skipped
-updates), ``evaluate`` (accuracy).  Besides
+updates), ``evaluate`` (accuracy), ``GRPOTrainer.train`` (the run doctor's ``symptoms``).  Besides
 these, ``reward_<name>`` is the batch mean of the reward function ``<name>``."""
 
 

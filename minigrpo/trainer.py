@@ -51,6 +51,7 @@ from minigrpo.advantages import (combine, compute_rewards, group_advantages, liv
 from minigrpo.config import OVERLONG_PENALTY, GRPOConfig
 from minigrpo.distributed import (broadcast_parameters, dist_info, gather_objects, gathered, interleave,
                                   mean_over_ranks, sum_gradients, sum_over_ranks)
+from minigrpo.doctor import DoctorThresholds, RunDoctor, reward_range
 from minigrpo.evaluation import EvalResult, evaluate
 from minigrpo.losses import LENGTH_METRICS, aggregation_normalizer, grpo_loss, length_metrics
 from minigrpo.metrics import MetricLog, reduce_updates
@@ -58,6 +59,7 @@ from minigrpo.models import Sampler, is_lora, peak_memory, reference_model
 from minigrpo.optim import adamw, lr_lambda
 from minigrpo.rollout import (Rollout, completion_logprobs, concat_rollouts, model_device, rollout, row_chunks,
                               select_groups, shared_prefix_rows)
+from minigrpo.runlog import RunLog
 
 logger = logging.getLogger("minigrpo")
 
@@ -77,10 +79,14 @@ class GRPOTrainer:
     the config asks for a separate one (``GRPOConfig.separate_sampler``), is a ``models.Sampler``
     built from ``model`` as given, else None (the policy samples itself).  The trainer draws its
     random numbers from its own generator state, seeded by ``config.seed`` (+ rank), and leaves
-    the global RNGs as they were.
+    the global RNGs as they were.  After each step of ``train`` the run doctor
+    (``doctor.RunDoctor``, thresholds ``doctor``, default ``DoctorThresholds()``) warns on logger
+    "minigrpo" of each symptom whose episode starts there, and the step's ``symptoms`` lists the
+    codes present.
     """
 
-    def __init__(self, model, tokenizer, train_examples, eval_examples, config: GRPOConfig):
+    def __init__(self, model, tokenizer, train_examples, eval_examples, config: GRPOConfig,
+                 doctor: DoctorThresholds | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.train_examples = list(train_examples)
@@ -112,6 +118,8 @@ class GRPOTrainer:
         self.evals: list[EvalResult] = []
         self.run_info: dict = {}
         """JSON-ready facts of the run that a checkpoint carries along (the warm-up's timings, say)"""
+        self.doctor = RunDoctor(doctor, rewards=reward_range(config.reward_weights, config.overlong_cache > 0),
+                                log=self.rank == 0)  # every rank sees the same metrics: one warning per run
 
     # --- randomness of its own
 
@@ -384,24 +392,36 @@ class GRPOTrainer:
         c = self.config
         return self.step == c.steps or bool(c.eval_every) and self.step % c.eval_every == 0
 
-    def train(self, until: int | None = None, checkpoint_dir: str | Path | None = None, progress: bool = True):
+    def train(self, until: int | None = None, checkpoint_dir: str | Path | None = None, progress: bool = True,
+              log_dir: str | Path | None = None):
         """Run steps up to ``until`` (default ``config.steps``; stop earlier to resume later),
         evaluating at step 0, every ``eval_every`` steps and at the end, and checkpointing to
-        ``checkpoint_dir`` every ``checkpoint_every`` steps and when stopping."""
+        ``checkpoint_dir`` every ``checkpoint_every`` steps and when stopping.  After each step
+        (and its evaluation) the run doctor checks the step; with ``log_dir``, rank 0 appends
+        the step's metrics (and the accuracy of an evaluation made then) to the run log there
+        (``runlog.RunLog``: metrics.jsonl, and TensorBoard where installed)."""
         c = self.config
         until = c.steps if until is None else until
-        if not self.evals:
-            self.evaluate()
-        bar = tqdm(total=until, initial=self.step, desc="GRPO", disable=not progress or self.rank != 0)
-        while self.step < until:
-            metrics = self.train_step()
-            if self.due_for_eval():
+        with RunLog(log_dir) if log_dir and self.rank == 0 else contextlib.nullcontext() as log:
+            if not self.evals:
                 self.evaluate()
-            if checkpoint_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                self.save_checkpoint(checkpoint_dir)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{self.evals[-1].accuracy:.3f}")
-        bar.close()
+                if log:
+                    log.write({"step": 0, "accuracy": self.evals[0].accuracy})
+            bar = tqdm(total=until, initial=self.step, desc="GRPO", disable=not progress or self.rank != 0)
+            while self.step < until:
+                metrics = self.train_step()
+                evaluated = self.due_for_eval()
+                if evaluated:
+                    self.evaluate()
+                self.doctor.check(metrics, self.evals)
+                metrics["symptoms"] = list(self.doctor.present)
+                if log:
+                    log.write({**metrics, "accuracy": self.evals[-1].accuracy} if evaluated else metrics)
+                if checkpoint_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save_checkpoint(checkpoint_dir)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{self.evals[-1].accuracy:.3f}")
+            bar.close()
         if checkpoint_dir:
             self.save_checkpoint(checkpoint_dir)
         return self.history
@@ -471,6 +491,7 @@ class GRPOTrainer:
         self.step = state["step"]
         self.history = [MetricLog(h) for h in state["history"]]
         self.evals = [EvalResult(**e) for e in state["evals"]]
+        self.doctor.catch_up(self.history, self.evals)  # the steps after judged as in an unbroken run
         self.run_info = state["run_info"]
         rng = torch.load(folder / f"rng_rank{self.rank}.pt", weights_only=True)
         self.rng_state = rng["torch"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from minigrpo.__main__ import arithmetic_configs, build_parser, main
+from minigrpo.doctor import load_run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,11 +26,13 @@ def run(tmp_path, name, *extra):
 
 def test_cli_json_and_exact_resume(tmp_path):
     cache = str(tmp_path / "cache")
-    straight = run(tmp_path, "straight", "--steps", "6", "--warmup-cache", cache)
+    straight = run(tmp_path, "straight", "--steps", "6", "--warmup-cache", cache, "--log-dir", str(tmp_path / "log"))
     assert KEYS <= set(straight)
     assert straight["steps"] == 6 and len(straight["history"]) == 6 and not straight["sft_cached"]
     assert 0.0 <= straight["acc_before"] <= 1.0 and len(straight["params_sha256"]) == 64
     assert any(h["grad_norm"] > 0 for h in straight["history"])  # the steps did train
+    logged = load_run(tmp_path / "log")  # the run log: every step, and the evaluations
+    assert logged.history == straight["history"] and [e["step"] for e in logged.evals] == [0, 5, 6]
 
     ck = str(tmp_path / "ck")
     half = run(tmp_path, "half", "--steps", "6", "--stop-after", "3", "--checkpoint-dir", ck, "--warmup-cache", cache)
@@ -57,7 +60,7 @@ def test_cli_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["arithmetic", "--help"])
     out = capsys.readouterr().out
-    assert "--resume" in out and "--checkpoint-dir" in out and "--shuffle-rewards" in out
+    assert "--resume" in out and "--checkpoint-dir" in out and "--shuffle-rewards" in out and "--log-dir" in out
 
 
 def test_small_model_command_builds_its_run_and_prints_the_result(monkeypatch, capsys, tmp_path):
@@ -67,7 +70,7 @@ def test_small_model_command_builds_its_run_and_prints_the_result(monkeypatch, c
 
     seen = {}
 
-    def fake_run(run, progress=True):
+    def fake_run(run, progress=True, log_dir=None):
         seen["run"] = run
         return {"acc_before": 0.25, "acc_after": 0.5, "n_eval": run.grpo.eval_size, "p_value": 0.01}
 

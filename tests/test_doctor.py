@@ -169,8 +169,9 @@ def test_the_reward_range_tells_all_right_from_a_part_every_completion_earns():
     assert [f.code for f in diagnose(history)] == ["no_signal_too_easy"]
     assert [f.code for f in diagnose(history, rewards=reward_range((1.0, 1.0)))] == ["no_signal_duplicates"]
     assert reward_range((1.0, 0.5)) == (0.0, 1.5) and reward_range((1.0, -0.5), overlong_penalty=True) == (-1.5, 1.0)
-    with pytest.raises(ValueError, match="range"):
-        reward_range((0.0,))
+    assert reward_range((0.0,)) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="rewards"):
+        RunDoctor(rewards=(1.0, 1.0))
 
 
 def test_thresholds_move_the_diagnosis():
@@ -246,33 +247,45 @@ def tiny_trainer(warmed, train_examples=None, **overrides):
                        arithmetic_examples(1, held_out=True), config)
 
 
-def run_with_doctor(trainer) -> list[Finding]:
-    doctor = RunDoctor()
-    new = []
-    trainer.evaluate()
-    while trainer.step < trainer.config.steps:
-        new += doctor.check(trainer.train_step(), trainer.evals)
-    return new
-
-
-def test_completions_cut_at_the_limit_are_diagnosed(warmed, caplog):
+def test_completions_cut_at_the_limit_are_diagnosed(warmed, caplog, tmp_path):
     """Two-digit answers and max_new_tokens=1: every completion is cut before its answer, every
-    group scores 0: truncation, and no learning signal for that reason."""
+    group scores 0.  The trainer warns of truncation and of no learning signal for that reason
+    (once each), records them in the history and its log, and a run resumed from a checkpoint
+    goes on with the same diagnosis without warning again of what it already said."""
     from minigrpo.data import arithmetic_examples
 
     two_digit = [ex for ex in arithmetic_examples(1) if len(ex["answer"]) == 2]
-    trainer = tiny_trainer(warmed, two_digit, max_new_tokens=1, steps=4)
+    trainer = tiny_trainer(warmed, two_digit, max_new_tokens=1, steps=6)
     with caplog.at_level(logging.WARNING, logger="minigrpo"):
-        found = run_with_doctor(trainer)
-    assert {"truncation", "no_signal_truncated"} <= {f.code for f in found}
+        trainer.train(progress=False, log_dir=tmp_path / "log")
     messages = [r.getMessage() for r in caplog.records if r.name == "minigrpo"]
-    assert any("no_signal_truncated" in m and "raise max_new_tokens" in m for m in messages)
-    assert any(m.startswith("run doctor: truncation") for m in messages)
+    assert sum(m.startswith("run doctor: no_signal_truncated at step 3") for m in messages) == 1
+    assert any("raise max_new_tokens" in m for m in messages)
+    assert sum(m.startswith("run doctor: truncation at step 3") for m in messages) == 1
+    codes = [h["symptoms"] for h in trainer.history]
+    assert not {"truncation", "no_signal_truncated"} & {c for step in codes[:2] for c in step}  # from 3 steps on
+    assert all({"truncation", "no_signal_truncated"} <= set(c) for c in codes[2:])
+    logged = load_run(tmp_path / "log")
+    assert [h["symptoms"] for h in logged.history] == codes and [e["step"] for e in logged.evals] == [0, 4, 6]
+
+    caplog.clear()
+    first = tiny_trainer(warmed, two_digit, max_new_tokens=1, steps=6)
+    with caplog.at_level(logging.WARNING, logger="minigrpo"):
+        first.train(until=4, checkpoint_dir=tmp_path / "ck", progress=False)
+        resumed = tiny_trainer(warmed, two_digit, max_new_tokens=1, steps=6)
+        resumed.load_checkpoint(tmp_path / "ck")
+        n = len(caplog.records)
+        resumed.train(progress=False)
+    assert [h["symptoms"] for h in resumed.history] == codes
+    assert not [r for r in caplog.records[n:] if "no_signal_truncated" in r.getMessage()]
 
 
-def test_a_healthy_tiny_run_raises_no_warning(warmed, caplog):
+def test_a_healthy_tiny_run_raises_no_warning(warmed, caplog, capsys, tmp_path):
     trainer = tiny_trainer(warmed)
     with caplog.at_level(logging.WARNING, logger="minigrpo"):
-        assert run_with_doctor(trainer) == []
+        trainer.train(progress=False, log_dir=tmp_path)
     assert not [r for r in caplog.records if r.name == "minigrpo"]
+    assert all(h["symptoms"] == [] for h in trainer.history)
     assert any(h["zero_std_frac"] < 1 for h in trainer.history)  # it did learn from something
+    main(["doctor", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == "no symptoms"

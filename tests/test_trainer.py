@@ -600,7 +600,7 @@ def test_a_bfloat16_sampler_differs_a_little_and_training_stays_finite():
         gap = (batch.rollout_logprobs - batch.old_logprobs)[on].abs()
         assert 0 < gap.max() < 0.1 and gap.mean() < 0.02
     for h in trainer.history:
-        assert all(v is None or math.isfinite(v) for v in h.values())
+        assert all(v is None or math.isfinite(v) for k, v in h.items() if k != "symptoms")  # codes, not numbers
         assert h["sampling_logp_difference_mean"] > 0 and h["grad_norm"] is not None
 
 
