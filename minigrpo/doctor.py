@@ -127,6 +127,9 @@ class DoctorThresholds:
         for name in ("entropy_blowup", "kl_spike", "grad_spike", "ratio_max"):
             if getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be > 1 (a factor above the usual level), got {getattr(self, name)!r}")
+        for name in ("smooth_steps", "baseline_steps"):  # both read the last ``window`` values
+            if getattr(self, name) > self.window:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be <= window ({self.window})")
         if self.hard_reward >= self.easy_reward:
             raise ValueError(f"hard_reward ({self.hard_reward}) must be < easy_reward ({self.easy_reward})")
 
@@ -183,9 +186,8 @@ class Symptom:
 class _Step:
     """One step's metrics beside what the doctor remembers of the steps before it."""
 
-    def __init__(self, metrics: Mapping, past: _Past, evals: list[tuple[int, float]], step: int,
-                 rewards: tuple[float, float]):
-        self.metrics, self.past, self.evals, self.step, self.rewards = metrics, past, evals, step, rewards
+    def __init__(self, metrics: Mapping, past: _Past, evals: list[tuple[int, float]], rewards: tuple[float, float]):
+        self.metrics, self.past, self.evals, self.rewards = metrics, past, evals, rewards
 
     def get(self, key: str) -> float | None:
         """The metric as a float, None when absent or None (NaN and inf pass through)."""
@@ -214,7 +216,8 @@ class _Past:
         self.t = t
         self.first: dict[str, list[float]] = {}
         self.last: dict[str, deque[float]] = {}
-        self.rewards: list[tuple[int, float]] = []
+        self.reward_steps: list[int] = []
+        self.rewards: list[float] = []
 
     def early(self, key: str) -> float | None:
         """The median of the metric's first ``baseline_steps`` values, once it has them."""
@@ -235,14 +238,14 @@ class _Past:
                     first.append(float(value))
                 self.last.setdefault(key, deque(maxlen=self.t.window)).append(float(value))
         reward = metrics.get("reward_mean")
-        if isinstance(reward, numbers.Real) and math.isfinite(reward):
-            self.rewards.append((step, float(reward)))
+        if isinstance(reward, numbers.Real) and not isinstance(reward, bool) and math.isfinite(reward):
+            self.reward_steps.append(step)
+            self.rewards.append(float(reward))
 
     def mean_reward(self, after: int, until: int) -> float | None:
         """The mean reward_mean of the steps in (after, until]."""
-        steps = [s for s, _ in self.rewards]
-        values = [r for _, r in self.rewards[bisect.bisect_right(steps, after): bisect.bisect_right(steps, until)]]
-        return sum(values) / len(values) if values else None
+        lo, hi = bisect.bisect_right(self.reward_steps, after), bisect.bisect_right(self.reward_steps, until)
+        return statistics.fmean(self.rewards[lo:hi]) if hi > lo else None
 
 
 def _fmt(x: float) -> str:
@@ -544,7 +547,7 @@ class RunDoctor:
         self._steps += 1
         step = int(metrics.get("step") or self._steps)
         points = [p for p in _eval_points(evals) if p[0] <= step]
-        view = _Step(metrics, self._past, points, step, self.rewards)
+        view = _Step(metrics, self._past, points, self.rewards)
         found = []
         for symptom in SYMPTOMS.values():
             hit = symptom.test(view, self.thresholds)

@@ -155,7 +155,7 @@ def test_every_threshold_is_documented_and_checked():
 @pytest.mark.parametrize("changes, name", [
     ({"no_signal_frac": 1.5}, "no_signal_frac"), ({"kl_spike": 1.0}, "kl_spike"), ({"window": 0}, "window"),
     ({"smooth_steps": 2.5}, "smooth_steps"), ({"still_lr": -1.0}, "still_lr"), ({"ratio_max": math.inf}, "ratio_max"),
-    ({"hard_reward": 0.95}, "hard_reward"), ({"truncated_frac": True}, "truncated_frac"),
+    ({"hard_reward": 0.95}, "hard_reward"), ({"baseline_steps": 30}, "baseline_steps"), ({"truncated_frac": True}, "truncated_frac"),
 ])
 def test_thresholds_reject_bad_values(changes, name):
     with pytest.raises(ValueError, match=name):
