@@ -2,6 +2,7 @@
 
     python benchmarks/sweeps.py variants   # chapter 8 -> benchmarks/results/sweep_variants.json
     python benchmarks/sweeps.py dials      # chapter 7 -> benchmarks/results/sweep_dials.json
+    python benchmarks/sweeps.py sampler    # chapter 9 -> benchmarks/results/sweep_sampler.json
 
 ``variants``: the GRPO family on the *padded-answer* task.  It is chapter 7's two-digit
 addition with a teacher that writes half of its answers with one to three leading zeros
@@ -13,8 +14,13 @@ overlong filtering and the soft overlong penalty act on.
 
 ``dials``: chapter 7's own task and defaults, one knob changed per run: the learning rate,
 gradient clipping, the sampling temperature, and a second, hackable reward (a "format" reward
-paying for three-digit answers, chapter 9's boxed-answer reward in miniature) weighed two ways
+paying for three-digit answers, chapter 10's boxed-answer reward in miniature) weighed two ways
 and normalised two ways.
+
+``sampler``: chapter 7's task and defaults with a sampler that is not the trainer: a bfloat16
+copy of the policy synced after every update, or float32 weights 1, 2 or 4 updates old
+(``rollout_lag``), each uncorrected and with the four rollout corrections of ``grpo_loss``
+(TRL's ``vllm_importance_sampling_mode``s, C_max = 3).
 
 Every seed warms up its own base model once (cached under ``runs/sweep-warmup``); each run of
 that seed starts from a fresh copy.  The runs use the libraries' default CPU code (not the
@@ -48,16 +54,22 @@ SEEDS = (0, 1, 2)
 WARMUP_CACHE = Path("runs/sweep-warmup")
 KEPT = ("reward_mean", "completion_tokens_mean", "completion_tokens_pos_adv", "completion_tokens_neg_adv",
         "truncated_frac", "clip_frac", "zero_std_frac", "groups_sampled", "kl_token_mean", "entropy_token_mean",
-        "grad_norm", "step_seconds")
-"""the per-step metrics kept in the JSON (the chapters' curves), with every reward_<name> mean"""
+        "grad_norm", "step_seconds", "sampling_logp_difference_mean", "sampling_logp_difference_max",
+        "sampling_seq_log_ratio_std", "importance_sampling_ratio_min", "importance_sampling_ratio_mean",
+        "importance_sampling_ratio_max", "importance_sampling_out_of_bounds_frac")
+"""the per-step metrics kept in the JSON (the chapters' curves; those a run logs), with every reward_<name> mean"""
 
 
 def three_digit_reward(completion: str, answer: str) -> float:
     """r = 1 if the completion is exactly three digits, whatever they are: a format reward that
-    a wrong answer can earn (as a boxed wrong answer earns chapter 9's format reward)."""
+    a wrong answer can earn (as a boxed wrong answer earns chapter 10's format reward)."""
     text = completion.strip()
     return 1.0 if len(text) == 3 and text.isascii() and text.isdigit() else 0.0
 
+
+SAMPLERS = {"bf16 sampler": dict(sampler_dtype="bfloat16"), **{f"lag {k}": dict(rollout_lag=k) for k in (1, 2, 4)}}
+"""the sampler sweep's samplers that are not the trainer: a bfloat16 copy, and float32 weights k updates old"""
+ROLLOUT_CORRECTIONS = (None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 PADDED = dict(reward_funcs=(number_match_reward,), accuracy_reward=number_match_reward, max_new_tokens=6,
               steps=60, eval_every=20, eval_size=300)
@@ -84,6 +96,15 @@ SWEEPS = {
             "overlong filtering": dict(mask_truncated=True),
             "soft overlong penalty": dict(overlong_cache=2),
             "shuffled rewards": dict(shuffle_rewards=True),
+        },
+    },
+    "sampler": {
+        "warmup": {},
+        "base": dict(steps=100, eval_every=25, eval_size=500),
+        "runs": {
+            "on-policy": {},
+            **{f"{sampler}, {mode or 'uncorrected'}": dict(setting, rollout_correction=mode)
+               for sampler, setting in SAMPLERS.items() for mode in ROLLOUT_CORRECTIONS},
         },
     },
     "dials": {
@@ -135,7 +156,7 @@ def one_run(base_model, tokenizer, config: GRPOConfig, train, held_out) -> dict:
     trainer.train(progress=False)
     out = {
         "evals": [e.summary() for e in trainer.evals],
-        "history": [{**{k: h.get(k) for k in KEPT}, **{k: v for k, v in h.items() if k.startswith("reward_")}}
+        "history": [{**{k: h[k] for k in KEPT if k in h}, **{k: v for k, v in h.items() if k.startswith("reward_")}}
                     for h in trainer.history],
         "greedy_lengths_before": lengths(trainer.evals[0]), "greedy_lengths_after": lengths(trainer.evals[-1]),
         "by_answer_size_before": by_answer_size(trainer.evals[0], held_out),

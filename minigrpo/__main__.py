@@ -186,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    """Run a command; a training command returns its result (also written to ``--out``)."""
+def main(argv: list[str] | None = None) -> None:
+    """Run a command; a training command writes its result to ``--out``.  Returns None, so the
+    ``minigrpo`` console script (which exits with ``main()``'s return value) exits with 0."""
     args = build_parser().parse_args(argv)
     if args.command == "doctor":
-        return args.run(args)
+        args.run(args)
+        return
     init_distributed()
     rank, world_size = dist_info()
     torch.set_num_threads(args.threads or max(1, 2 // world_size))
@@ -199,7 +201,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         if rank == 0:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))
-        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -20,7 +20,8 @@ KEYS = {"acc_before", "acc_after", "sft_seconds", "grpo_seconds", "total_seconds
 
 def run(tmp_path, name, *extra):
     out = tmp_path / f"{name}.json"
-    main(["arithmetic", "--tiny", "--no-progress", "--threads", "1", "--seed", "1", "--out", str(out), *extra])
+    status = main(["arithmetic", "--tiny", "--no-progress", "--threads", "1", "--seed", "1", "--out", str(out), *extra])
+    assert status is None  # the console script exits with main()'s value: 0, not a dict printed to stderr
     return json.loads(out.read_text())
 
 
