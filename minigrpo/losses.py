@@ -251,7 +251,7 @@ def rollout_weight(
 
     The sampler π_rollout drew the tokens; the trainer's π_old recomputes their log-probs.  With
     d_{i,t} = m·(log π_old(o_{i,t}) − log π_rollout(o_{i,t})), and d = 0 where the rollout
-    log-prob is NaN (the sampler gave none):
+    log-prob is NaN (the sampler gave none)::
 
         "token_*":     w_{i,t} = exp(d_{i,t})
         "sequence_*":  w_i = exp(Σ_t d_{i,t}), the same for every t (a sum, not GSPO's mean)
@@ -381,7 +381,7 @@ def rollout_metrics(
     """How far the sampler is from the trainer, and what the corrections did (TRL 1.16's
     ``sampling/…`` metrics, flattened, plus three of ours).  With rollout log-probs:
 
-    - sampling_logp_difference_mean / _max: |log π_rollout − log π_old| over completion tokens
+    - sampling_logp_difference_mean / _max: ``|log π_rollout − log π_old|`` over completion tokens
       (tokens whose rollout log-prob is NaN left out; 0.0 if none);
     - sampling_seq_log_ratio_std: the std (population, over the completions that have tokens) of
       Σ_t m·(log π_old − log π_rollout), the log of the sequence-level weight before any bound;
@@ -391,7 +391,7 @@ def rollout_metrics(
     - importance_sampling_ratio_min / _mean / _max: w after its bounds, over completion tokens,
       or with ``sequence_level`` over the completions that have tokens, one w each (1.0 if none);
     - importance_sampling_out_of_bounds_frac: completion tokens whose w the bounds clamped
-      ("*_truncate") or zeroed ("*_mask");
+      (``"*_truncate"``) or zeroed (``"*_mask"``);
 
     and with the off-policy mask (``keep`` [N] from ``off_policy_mask``), whether or not there
     are rollout log-probs: off_policy_masked_frac, the fraction of the N completions it drops.

@@ -1,5 +1,7 @@
 """Training logs people can watch while the run goes: JSON lines, and TensorBoard where installed.
 
+Use::
+
     with RunLog("runs/seed0") as log:          # or trainer.train(log_dir="runs/seed0")
         log.write(step_metrics)                # one line of runs/seed0/metrics.jsonl, flushed
     rows = read_jsonl("runs/seed0/metrics.jsonl")
