@@ -78,12 +78,18 @@ class DoctorThresholds:
     entropy_blowup: float = 2.0
     """entropy_token_mean at or above this times its early value is a blow-up; chosen: in chapter 8's sweep
     lr=1e-3 goes 0.3 -> 1.5 nats/token as accuracy falls to 0, while no healthy run rises above its start"""
+    entropy_floor: float = 0.5
+    """the smallest entropy_token_mean (nats/token) that counts as a blow-up; chosen: below it the policy still
+    puts most of each position's mass on one token (a fair choice between two tokens is ln 2 = 0.69 nats), and
+    an entropy near 0 doubles by chance (sampling the tiny model at τ = 0.1 it moves between 0.03 and 0.07),
+    while the blow-ups of chapter 7's sweep at lr=1e-3 reach 1.3-1.9"""
     kl_spike: float = 10.0
     """kl_token_mean at or above this times its recent median is a spike (also above kl_floor); chosen: an
     order of magnitude in one step"""
     kl_floor: float = 1.0
-    """the smallest kl_token_mean (nats/token) that counts as a spike; chosen: the healthy tiny runs of
-    chapters 7-8 (β = 0.04) peak under 1, the ones that break reach 3-6"""
+    """the smallest kl_token_mean (nats/token) that counts as a spike, and in the first steps (no recent
+    level yet) the only bar; chosen: the healthy tiny runs of chapters 7-8 (β = 0.04) peak under 1, the ones
+    that break reach 3-6 (the field guide's run at lr = 1e-3: 2.3 nats/token at its second step)"""
     ratio_max: float = 10.0
     """ratio_max (π_θ/π_old of one token) at or above which the update overshot; chosen: clipping acts at
     1 + ε ≈ 1.2-1.3, so 10 is far outside the trust region the loss means to keep"""
@@ -295,8 +301,9 @@ def _above(metric: str, field: str, smooth: bool = False) -> Test:
     return test
 
 
-def _against_early(metric: str, field: str, falls: bool) -> Test:
-    """metric <= (falls) or >= the threshold ``field`` times its early value."""
+def _against_early(metric: str, field: str, falls: bool, floor: str | None = None) -> Test:
+    """metric <= (falls) or >= the threshold ``field`` times its early value (and, rising, >= the
+    threshold ``floor`` if given: a rise of a value near 0 is noise, not a blow-up)."""
 
     def test(s: _Step, t: DoctorThresholds):
         value, early = s.get(metric), s.past.early(metric)
@@ -304,25 +311,32 @@ def _against_early(metric: str, field: str, falls: bool) -> Test:
             return None
         factor = getattr(t, field)
         limit = factor * early
-        if not (value <= limit if falls else value >= limit):
+        if not (value <= limit if falls else value >= max(limit, getattr(t, floor) if floor else 0.0)):
             return None
         sign = "<=" if falls else ">="
-        return metric, value, f"{metric} {_fmt(value)} {sign} {_fmt(limit)} ({_fmt(factor)} x its early {_fmt(early)})"
+        at_least = f", and >= {floor} {_fmt(getattr(t, floor))}" if floor else ""
+        return metric, value, (f"{metric} {_fmt(value)} {sign} {_fmt(limit)} ({_fmt(factor)} x its early "
+                               f"{_fmt(early)}{at_least})")
 
     return test
 
 
 def _spike(metric: str, field: str, floor: str | None = None) -> Test:
-    """metric >= the threshold ``field`` times its recent median (and >= ``floor`` if given)."""
+    """metric >= the threshold ``field`` times its recent median (and >= ``floor`` if given).
+    With a ``floor``, a metric that has no recent level yet (fewer than ``baseline_steps``
+    positive values: the first steps) is judged by the floor alone: its level there is its
+    start, 0 (the KL: the policy is the reference at the first step), so a jump in the first
+    steps, which a too-large update makes at once, is not missed for want of a baseline."""
 
     def test(s: _Step, t: DoctorThresholds):
         value, level = s.get(metric), s.past.recent(metric)
-        if value is None or level is None or not math.isfinite(value):
+        if value is None or not math.isfinite(value) or (level is None and floor is None):
             return None
-        limit = max(getattr(t, field) * level, getattr(t, floor) if floor else 0.0)
+        limit = max(getattr(t, field) * (level or 0.0), getattr(t, floor) if floor else 0.0)
         if not value >= limit:
             return None
-        return metric, value, f"{metric} {_fmt(value)} >= {_fmt(limit)} (recent median {_fmt(level)})"
+        since = f"recent median {_fmt(level)}" if level is not None else f"the first steps: {floor} alone"
+        return metric, value, f"{metric} {_fmt(value)} >= {_fmt(limit)} ({since})"
 
     return test
 
@@ -420,10 +434,12 @@ SYMPTOMS: dict[str, Symptom] = {s.code: s for s in [
         _above("truncated_frac", "truncated_frac", smooth=True)),
     Symptom(
         "never_stops", ("truncated_frac",), ("never_stop_frac",),
-        "no completion ends with an EOS: the EOS the model writes is not one the sampler stops on, or the "
-        "chat template never shows one, so the model never learnt to stop.",
-        "check tokenizer.eos_token_id against every EOS id the model emits (generation stops on all of them) "
-        "and that the template and the warm-up data end answers with it.",
+        "no completion ends with an EOS: max_new_tokens is shorter than even the shortest answer, or the EOS "
+        "the model writes is not one the sampler stops on, or the chat template never shows one, so the model "
+        "never learnt to stop.",
+        "read a few completions: cut mid-answer, raise max_new_tokens above a whole answer's length; running "
+        "on past the answer, check tokenizer.eos_token_id against every EOS id the model emits (generation "
+        "stops on all of them) and that the template and the warm-up data end answers with it.",
         _above("truncated_frac", "never_stop_frac")),
     Symptom(
         "entropy_collapse", ("entropy_token_mean",), ("entropy_collapse", "baseline_steps"),
@@ -433,11 +449,11 @@ SYMPTOMS: dict[str, Symptom] = {s.code: s for s in [
         "(alpha); a collapsed policy rarely recovers, so restart from an earlier checkpoint.",
         _against_early("entropy_token_mean", "entropy_collapse", falls=True), worst=min),
     Symptom(
-        "entropy_blowup", ("entropy_token_mean",), ("entropy_blowup", "baseline_steps"),
+        "entropy_blowup", ("entropy_token_mean",), ("entropy_blowup", "entropy_floor", "baseline_steps"),
         "the policy is spreading its probability toward noise: updates too large (learning rate, few tokens "
         "per step) or too strong an entropy bonus push it toward uniform sampling.",
         "lower the learning rate or alpha, raise beta, and look for gradient spikes before it.",
-        _against_early("entropy_token_mean", "entropy_blowup", falls=False)),
+        _against_early("entropy_token_mean", "entropy_blowup", falls=False, floor="entropy_floor")),
     Symptom(
         "kl_spike", ("kl_token_mean",), ("kl_spike", "kl_floor", "window"),
         "the policy jumped away from the reference in one step: an oversized update (a gradient spike, too "

@@ -108,6 +108,34 @@ def test_an_episode_is_its_consecutive_steps_with_its_worst_value():
     assert collapse.value == 0.03 and collapse.steps == (11, 12)  # a fall's worst value is its lowest
 
 
+def test_a_kl_jump_in_the_first_steps_is_a_spike():
+    """The KL starts at 0 (the policy is the reference); a too-large first update puts it at
+    2.3 nats/token at once, before there is a recent level to compare with: the floor alone
+    judges those first steps, until baseline_steps positive values give a level (then 2.5
+    against a median of 2.4 is no spike).  Below the floor, nothing."""
+    history = healthy()
+    for h, kl in zip(history, [0.0, 2.3, 2.5, 2.4] + [2.5] * 26):
+        h["kl_token_mean"] = kl
+    (finding,) = diagnose(history)
+    assert (finding.code, finding.steps, finding.value) == ("kl_spike", (2, 3, 4), 2.5)
+    assert "the first steps: kl_floor alone" in finding.detail
+    for h, kl in zip(history, [0.0, 0.9, 0.95, 0.9]):  # a fast start, but under kl_floor
+        h["kl_token_mean"] = kl
+    assert diagnose(history) == []
+
+
+def test_an_entropy_near_zero_that_doubles_is_no_blowup():
+    """Sampling at τ = 0.1 the entropy is a few hundredths of a nat and doubles by chance: below
+    entropy_floor that is no blow-up; the same doubling above it is (the case of CASES)."""
+    history = broken({"entropy_token_mean": 0.07})
+    for h in history[:10]:
+        h["entropy_token_mean"] = 0.03
+    assert diagnose(history) == []
+    (finding,) = diagnose(history, thresholds=DoctorThresholds(entropy_floor=0.05))
+    assert finding.code == "entropy_blowup" and finding.steps == tuple(range(11, 31))
+    assert "entropy_floor 0.05" in finding.detail
+
+
 def test_the_doctor_warns_once_per_episode(caplog):
     """A symptom present at steps 2-4 and 6 starts two episodes: two warnings, each with the
     cause and the fix; the steps in between return nothing new."""
@@ -261,6 +289,8 @@ def test_completions_cut_at_the_limit_are_diagnosed(warmed, caplog, tmp_path):
     messages = [r.getMessage() for r in caplog.records if r.name == "minigrpo"]
     assert sum(m.startswith("run doctor: no_signal_truncated at step 3") for m in messages) == 1
     assert any("raise max_new_tokens" in m for m in messages)
+    never = [m for m in messages if m.startswith("run doctor: never_stops")]  # not one EOS: the limit is named
+    assert never and all("max_new_tokens is shorter than even the shortest answer" in m for m in never)
     assert sum(m.startswith("run doctor: truncation at step 3") for m in messages) == 1
     codes = [h["symptoms"] for h in trainer.history]
     assert not {"truncation", "no_signal_truncated"} & {c for step in codes[:2] for c in step}  # from 3 steps on
