@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Chapter 10's GPU checks on one CUDA GPU, offline; every result is written under OUT_DIR.
+# Chapter 11's GPU checks on one CUDA GPU, offline; every result is written under OUT_DIR.
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]      # default runs/gpu
 #

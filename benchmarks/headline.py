@@ -11,7 +11,7 @@ gain, the phases' wall times and the whole command's, and whether each seed met 
 - ``arithmetic`` (chapter 7): gain ≥ 0.45, GRPO ≤ 60 s, whole command ≤ 180 s.  Warm-ups are
   cached in runs/warmup-cache: a cached warm-up reports the seconds of the run that made it,
   and the control (seed 0) reuses seed 0's; ``total_seconds`` then adds those seconds back.
-- ``small-model`` (chapter 10): gain ≥ 0.15 with a paired McNemar p < 0.01, whole command
+- ``small-model`` (chapter 11): gain ≥ 0.15 with a paired McNemar p < 0.01, whole command
   ≤ 15 minutes.
 
 Times depend on the machine and on what else runs on it.  The arithmetic runs get the numerics

@@ -14,7 +14,7 @@ overlong filtering and the soft overlong penalty act on.
 
 ``dials``: chapter 7's own task and defaults, one knob changed per run: the learning rate,
 gradient clipping, the sampling temperature, and a second, hackable reward (a "format" reward
-paying for three-digit answers, chapter 10's boxed-answer reward in miniature) weighed two ways
+paying for three-digit answers, chapter 11's boxed-answer reward in miniature) weighed two ways
 and normalised two ways.
 
 ``sampler``: chapter 7's task and defaults with a sampler that is not the trainer: a bfloat16
@@ -62,7 +62,7 @@ KEPT = ("reward_mean", "completion_tokens_mean", "completion_tokens_pos_adv", "c
 
 def three_digit_reward(completion: str, answer: str) -> float:
     """r = 1 if the completion is exactly three digits, whatever they are: a format reward that
-    a wrong answer can earn (as a boxed wrong answer earns chapter 10's format reward)."""
+    a wrong answer can earn (as a boxed wrong answer earns chapter 11's format reward)."""
     text = completion.strip()
     return 1.0 if len(text) == 3 and text.isascii() and text.isdigit() else 0.0
 

