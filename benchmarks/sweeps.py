@@ -20,7 +20,8 @@ and normalised two ways.
 ``sampler``: chapter 7's task and defaults with a sampler that is not the trainer: a bfloat16
 copy of the policy synced after every update, or float32 weights 1, 2 or 4 updates old
 (``rollout_lag``), each uncorrected and with the four rollout corrections of ``grpo_loss``
-(TRL's ``vllm_importance_sampling_mode``s, C_max = 3).
+(TRL's ``vllm_importance_sampling_mode``s, C_max = 3), and lag 4 with DeepSeek-V3.2's off-policy
+sequence mask alone (δ = 0.5, TRL's example, and 0.1).
 
 Every seed warms up its own base model once (cached under ``runs/sweep-warmup``); each run of
 that seed starts from a fresh copy.  The runs use the libraries' default CPU code (not the
@@ -56,7 +57,7 @@ KEPT = ("reward_mean", "completion_tokens_mean", "completion_tokens_pos_adv", "c
         "truncated_frac", "clip_frac", "zero_std_frac", "groups_sampled", "kl_token_mean", "entropy_token_mean",
         "grad_norm", "step_seconds", "sampling_logp_difference_mean", "sampling_logp_difference_max",
         "sampling_seq_log_ratio_std", "importance_sampling_ratio_min", "importance_sampling_ratio_mean",
-        "importance_sampling_ratio_max", "importance_sampling_out_of_bounds_frac")
+        "importance_sampling_ratio_max", "importance_sampling_out_of_bounds_frac", "off_policy_masked_frac")
 """the per-step metrics kept in the JSON (the chapters' curves; those a run logs), with every reward_<name> mean"""
 
 
@@ -105,6 +106,8 @@ SWEEPS = {
             "on-policy": {},
             **{f"{sampler}, {mode or 'uncorrected'}": dict(setting, rollout_correction=mode)
                for sampler, setting in SAMPLERS.items() for mode in ROLLOUT_CORRECTIONS},
+            **{f"lag 4, off-policy mask δ = {delta}": dict(rollout_lag=4, off_policy_mask_threshold=delta)
+               for delta in (0.5, 0.1)},
         },
     },
     "dials": {
@@ -171,34 +174,51 @@ def main() -> None:
     parser.add_argument("sweep", choices=sorted(SWEEPS))
     parser.add_argument("--out", default=None, help="default benchmarks/results/sweep_<sweep>.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--only", nargs="+", metavar="RUN", default=None,
+                        help="run only these runs and put them into the existing --out JSON, keeping the rest")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sweep = SWEEPS[args.sweep]
     out_path = Path(args.out or f"benchmarks/results/sweep_{args.sweep}.json")
-    result = {"sweep": args.sweep, "command": f"python benchmarks/sweeps.py {args.sweep}", "seeds": args.seeds,
-              "runs": {}, "warmups": {}}
+    command = f"python benchmarks/sweeps.py {args.sweep}"
+    runs = sweep["runs"]
+    if args.only:
+        unknown = sorted(set(args.only) - set(runs))
+        if unknown:
+            parser.error(f"--only: no run named {unknown} in the {args.sweep} sweep")
+        runs = {name: runs[name] for name in args.only}
+        result = json.loads(out_path.read_text())
+        if result["seeds"] != args.seeds:
+            parser.error(f"--only: {out_path} has seeds {result['seeds']}, not {args.seeds}")
+        command += " --only " + " ".join(f"'{name}'" for name in args.only)
+    else:
+        result = {"sweep": args.sweep, "command": command, "seeds": args.seeds, "runs": {}, "warmups": {}}
     start = time.perf_counter()
     for seed in args.seeds:
         warmup = WarmupConfig(seed=seed, **sweep["warmup"])
         base_model, tokenizer, info = warmup_model(warmup, WARMUP_CACHE, progress=False)
-        result["warmups"][seed] = {"config": dataclasses.asdict(warmup), "sft_seconds": info["sft_seconds"]}
+        result["warmups"][str(seed)] = {"config": dataclasses.asdict(warmup), "sft_seconds": info["sft_seconds"]}
         base = GRPOConfig(seed=seed, **sweep["base"])
         train = arithmetic_examples(warmup.digits, held_out=False)
         held_out = arithmetic_examples(warmup.digits, held_out=True, size=base.eval_size)
-        for name, overrides in sweep["runs"].items():
+        for name, overrides in runs.items():
             config = dataclasses.replace(base, **overrides)
             run = one_run(base_model, tokenizer, config, train, held_out)
             run["config"] = config.to_dict()
-            result["runs"].setdefault(name, {})[seed] = run
+            result["runs"].setdefault(name, {})[str(seed)] = run
             evals = run["evals"]
             print(f"seed {seed} {name:>44}: {evals[0]['accuracy']:.3f} -> {evals[-1]['accuracy']:.3f} "
                   f"({run['seconds']:.0f} s)", flush=True)
-    result.update(total_seconds=time.perf_counter() - start, torch_version=torch.__version__,
-                  platform=platform.platform(), cpu_count=os.cpu_count(), python=sys.version.split()[0],
-                  numerics_pins={k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")})
+    machine = dict(torch_version=torch.__version__, platform=platform.platform(), cpu_count=os.cpu_count(),
+                   python=sys.version.split()[0],
+                   numerics_pins={k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")})
+    if args.only:  # the runs added later, each with its command, time and machine
+        result.setdefault("added", []).append(dict(command=command, seconds=time.perf_counter() - start, **machine))
+    else:
+        result.update(total_seconds=time.perf_counter() - start, **machine)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out_path} in {result['total_seconds']:.0f} s")
+    print(f"wrote {out_path} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
