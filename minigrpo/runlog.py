@@ -13,10 +13,12 @@ Every line of ``metrics.jsonl`` is one JSON object with minigrpo's metric names
 (``minigrpo.metrics.METRICS``): None is written as null, a NaN or infinite float as the string
 "NaN", "Infinity" or "-Infinity" (so each line stays valid JSON), which ``read_jsonl`` turns
 back into floats.  A resumed run appends to the same file.  When ``tensorboard`` is importable,
-the same numbers go to TensorBoard event files in the same folder, under TRL's names where TRL
-1.16's ``GRPOTrainer`` logs the same quantity (``TRL_NAMES``) and ``minigrpo/<name>`` otherwise,
-so curves of both trainers overlay; lists of strings (the run doctor's symptom codes) go to its
-Text tab.  Imports nothing from the trainer.
+the same numbers go to TensorBoard event files in the same folder, under the tags a TRL 1.16
+``GRPOTrainer`` run gets for the same quantity (``train/`` + its name in ``TRL_NAMES``, the prefix
+transformers' ``TensorBoardCallback`` adds) and ``minigrpo/<name>`` otherwise, so curves of both
+trainers share a tag; their x-axes agree when a GRPO step is one optimiser step (μ = 1, one
+mini-batch), since TRL's counts optimiser steps.  Lists of strings (the run doctor's symptom
+codes) go to its Text tab.  Imports nothing from the trainer.
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ TRL logs ``cispo_clip_ratio`` instead, see ``trl_bridge``); ``reward_<name>`` is
 
 
 def tensorboard_name(key: str) -> str:
-    """The TensorBoard tag of a metric: TRL's name where it has one, else ``minigrpo/<key>``."""
+    """The TensorBoard tag of a metric: the tag TRL's run writes for it where TRL logs it
+    (``train/<TRL name>``: transformers' ``rewrite_logs`` prefixes every training log key with
+    ``train/``), else ``minigrpo/<key>``."""
     if key in TRL_NAMES:
-        return TRL_NAMES[key]
+        return f"train/{TRL_NAMES[key]}"
     if key.startswith("reward_") and key not in METRICS:
-        return f"rewards/{key.removeprefix('reward_')}/mean"
+        return f"train/rewards/{key.removeprefix('reward_')}/mean"
     return f"minigrpo/{key}"
 
 

@@ -67,17 +67,26 @@ def test_tensorboard_scalars_under_trl_names(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"reward", "kl", "minigrpo/kl", "learning_rate", "grad_norm", "minigrpo/accuracy",
-            "rewards/format_reward/mean", "policy_loss"} <= tags
+    assert {"train/reward", "train/kl", "minigrpo/kl", "train/learning_rate", "train/grad_norm", "minigrpo/accuracy",
+            "train/rewards/format_reward/mean", "train/policy_loss"} <= tags
     assert "step" not in tags and "minigrpo/symptoms" not in tags  # the x axis; text, not a scalar
-    assert [(e.step, e.value) for e in events.Scalars("reward")] == [(1, 0.5), (2, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("train/reward")] == [(1, 0.5), (2, 0.75)]
     assert [(e.step, e.value) for e in events.Scalars("minigrpo/kl")] == [(2, 0.5)]  # None: no point
-    assert [(e.step, e.value) for e in events.Scalars("kl")] == [(1, 0.125), (2, 0.25)]  # TRL's kl: per token
-    assert math.isinf(events.Scalars("grad_norm")[0].value)
+    assert [(e.step, e.value) for e in events.Scalars("train/kl")] == [(1, 0.125), (2, 0.25)]  # TRL's kl: per token
+    assert math.isinf(events.Scalars("train/grad_norm")[0].value)
 
 
 def test_the_trl_mapping_names_logged_metrics():
     assert set(TRL_NAMES) <= set(METRICS)
     assert len(set(TRL_NAMES.values())) == len(TRL_NAMES)  # one minigrpo name per TRL name
-    assert tensorboard_name("zero_std_frac") == "frac_reward_zero_std"
-    assert tensorboard_name("entropy") == "minigrpo/entropy" and tensorboard_name("entropy_token_mean") == "entropy"
+    assert tensorboard_name("zero_std_frac") == "train/frac_reward_zero_std"
+    assert tensorboard_name("entropy") == "minigrpo/entropy" and tensorboard_name("entropy_token_mean") == "train/entropy"
+
+
+def test_tensorboard_tags_are_the_ones_a_trl_run_writes():
+    # a TRL run logs through transformers' TensorBoardCallback, which renames every key with rewrite_logs
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    for key, trl_name in TRL_NAMES.items():
+        assert list(rewrite_logs({trl_name: 0.0})) == [tensorboard_name(key)]
+    assert list(rewrite_logs({"rewards/format_reward/mean": 0.0})) == [tensorboard_name("reward_format_reward")]
