@@ -452,13 +452,15 @@ SYMPTOMS: dict[str, Symptom] = {s.code: s for s in [
         "entropy_blowup", ("entropy_token_mean",), ("entropy_blowup", "entropy_floor", "baseline_steps"),
         "the policy is spreading its probability toward noise: updates too large (learning rate, few tokens "
         "per step) or too strong an entropy bonus push it toward uniform sampling.",
-        "lower the learning rate or alpha, raise beta, and look for gradient spikes before it.",
+        "lower the learning rate or alpha, and look for gradient spikes before it (with gradient clipping and "
+        "Adam, a larger beta changes where a step goes, not how far).",
         _against_early("entropy_token_mean", "entropy_blowup", falls=False, floor="entropy_floor")),
     Symptom(
         "kl_spike", ("kl_token_mean",), ("kl_spike", "kl_floor", "window"),
         "the policy jumped away from the reference in one step: an oversized update (a gradient spike, too "
         "high a learning rate), or tokens π_ref finds near-impossible (k3 grows exponentially in them).",
-        "lower the learning rate, keep max_grad_norm near 1, raise beta, and read the step's completions for "
+        "lower the learning rate (a larger beta cannot undo a step too large, and at the first step, where "
+        "π_θ = π_ref, its gradient is 0), keep gradient clipping on, and read the step's completions for "
         "degenerate text.",
         _spike("kl_token_mean", "kl_spike", "kl_floor")),
     Symptom(
