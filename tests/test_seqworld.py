@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import minigrpo as mg
 from minigrpo import seqworld as sw
 
-EXACT = dict(rtol=1e-10, atol=1e-12)
+EXACT = {"rtol": 1e-10, "atol": 1e-12}
 
 
 def leaf(world, seed, scale=1.0):
