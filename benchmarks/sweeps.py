@@ -21,7 +21,7 @@ and normalised two ways.
 copy of the policy synced after every update, or float32 weights 1, 2 or 4 updates old
 (``rollout_lag``), each uncorrected and with the four rollout corrections of ``grpo_loss``
 (TRL's ``vllm_importance_sampling_mode``s, C_max = 3), and lag 4 with DeepSeek-V3.2's off-policy
-sequence mask alone (δ = 0.5, TRL's example, and 0.1).
+sequence mask alone (δ_off = 0.5, TRL's example, and 0.1).
 
 Every seed warms up its own base model once (cached under ``runs/sweep-warmup``); each run of
 that seed starts from a fresh copy.  The runs use the libraries' default CPU code (not the
@@ -106,7 +106,7 @@ SWEEPS = {
             "on-policy": {},
             **{f"{sampler}, {mode or 'uncorrected'}": dict(setting, rollout_correction=mode)
                for sampler, setting in SAMPLERS.items() for mode in ROLLOUT_CORRECTIONS},
-            **{f"lag 4, off-policy mask δ = {delta}": dict(rollout_lag=4, off_policy_mask_threshold=delta)
+            **{f"lag 4, off-policy mask δ_off = {delta}": dict(rollout_lag=4, off_policy_mask_threshold=delta)
                for delta in (0.5, 0.1)},
         },
     },
