@@ -54,7 +54,7 @@ def main() -> None:
         "trainer_dtype": "float32", "sampler_dtype": "bfloat16",
         "problems": len(examples), "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
         "temperature": 1.0, "seed": args.seed,
-        "eos_finished": [bool(f) for f in (mask.sum(1) < args.max_new_tokens).tolist()],
+        "eos_finished": [not cut for cut in batch.truncated.tolist()],  # an EOS came within the limit
         "token_gaps": [[round(x, 7) for x in row[keep].tolist()] for row, keep in zip(gap, mask)],
         "seconds": time.perf_counter() - start, "torch_version": torch.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
