@@ -458,7 +458,8 @@ SYMPTOMS: dict[str, Symptom] = {s.code: s for s in [
     Symptom(
         "kl_spike", ("kl_token_mean",), ("kl_spike", "kl_floor", "window"),
         "the policy jumped away from the reference in one step: an oversized update (a gradient spike, too "
-        "high a learning rate), or tokens π_ref finds near-impossible (k3 grows exponentially in them).",
+        "high a learning rate), or tokens the policy now finds near-impossible while π_ref does not (k3 grows "
+        "exponentially in d = log π_ref − log π_θ).",
         "lower the learning rate (a larger beta cannot act on the first step, where π_θ = π_ref and the KL's "
         "gradient is 0), keep gradient clipping on, and read the step's completions for degenerate text.",
         _spike("kl_token_mean", "kl_spike", "kl_floor")),
