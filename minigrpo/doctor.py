@@ -77,8 +77,8 @@ class DoctorThresholds:
     size of the collapse DAPO (Yu et al. 2025, Fig. 2b) shows without clip-higher"""
     entropy_blowup: float = 2.0
     """entropy_token_mean at or above this times its early value is a blow-up; chosen: in chapter 7's sweep
-    (sweep_dials.json) lr=1e-3 goes 0.3 -> 1.5 nats/token as accuracy falls to 0, while no healthy run rises
-    above its start"""
+    (sweep_dials.json) lr=1e-3 goes 0.3 -> 1.5 nats/token as accuracy falls to 0, while no healthy run reaches
+    twice its start"""
     entropy_floor: float = 0.5
     """the smallest entropy_token_mean (nats/token) that counts as a blow-up; chosen: below it the policy still
     puts most of each position's mass on one token (a fair choice between two tokens is ln 2 = 0.69 nats), and
