@@ -49,7 +49,10 @@ from minigrpo.advantages import SCALES, group_advantages
 from minigrpo.logprobs import token_logprobs as _token_logprobs
 from minigrpo.losses import LOSS_TYPES, kl_penalty
 
-KL_ESTIMATORS = ("k1 in the reward", "k1 in the reward, to go", "k1 loss", "k2 loss", "k3 loss", "rho*k3 loss")
+KL_ESTIMATORS = (
+    "k1 in the reward", "k1 in the reward, to go", "k1 in the reward, pi_old", "k1 loss", "k2 loss", "k3 loss",
+    "rho*k3 loss",
+)
 """The ways ``kl_coefficients`` puts the KL into an update, in its order."""
 
 PG_ESTIMATORS = ("no ratio", "token ratio", "sequence ratio")
@@ -265,6 +268,7 @@ def kl_coefficients(
 
         "k1 in the reward"          s = w · sg(Σ_s k1_s) · Σ_t ℓ_t      c_t = w · Σ_s k1_s
         "k1 in the reward, to go"   s = w · Σ_t sg(Σ_{s≥t} k1_s) · ℓ_t  c_t = w · Σ_{s≥t} k1_s
+        "k1 in the reward, pi_old"  s = w · Σ_s k1old_s · Σ_t ℓ_t        c_t = w · Σ_s k1old_s
         "k1 loss"                   s = Σ_t k1_t                         c_t = 1
         "k2 loss"                   s = Σ_t k2_t                         c_t = k1_t
         "k3 loss"                   s = Σ_t k3_t                         c_t = 1 − π_ref/π_θ (token t)
@@ -273,9 +277,14 @@ def kl_coefficients(
     The first two put the sequence's log-ratio log π_θ(o)/π_ref(o) = Σ_s k1_s into the reward (as
     RLHF does; sg = stop-gradient), weighted by the sequence ratio w so that they stay exact
     off-policy: token t's score is multiplied by every token's penalty, or by its own and the later
-    ones' (earlier penalties average to zero against it).  The last four are per-token losses as
-    GRPO writes them, each token's term differentiated on its own; their sum over t is taken (GRPO's
-    ``"grpo"`` aggregation, a mean over each completion's tokens, would reweight completions on top).
+    ones' (earlier penalties average to zero against it).  Both recompute the penalty with the
+    current π_θ.  The third is the penalty as RLHF implementations store it (TRL's PPOTrainer, for
+    one): computed once from the rollout's log-probabilities, k1old_s = log π_old(o_s | o_<s) −
+    log π_ref(o_s | o_<s), and held fixed while θ moves.  Its expectation under π_old is
+    Σ_o π_θ(o)·log(π_old(o)/π_ref(o))·∇ log π_θ(o) = ∇KL(π_θ ‖ π_ref) − ∇KL(π_θ ‖ π_old): the first
+    row's on-policy, biased off it.  The last four are per-token losses as GRPO writes them, each
+    token's term differentiated on its own; their sum over t is taken (GRPO's ``"grpo"``
+    aggregation, a mean over each completion's tokens, would reweight completions on top).
     """
     _check_logits(world, ref_logits, "ref_logits")
     m = world.mask.to(logits.dtype)
@@ -289,6 +298,7 @@ def kl_coefficients(
     surrogates = {
         "k1 in the reward": w * k1.sum(1) * (lp * m).sum(1),
         "k1 in the reward, to go": w * (to_go * lp * m).sum(1),
+        "k1 in the reward, pi_old": w * ((old - ref) * m).sum(1) * (lp * m).sum(1),
         "k1 loss": (kl_penalty(lp, ref, "k1") * m).sum(1),
         "k2 loss": (kl_penalty(lp, ref, "k2") * m).sum(1),
         "k3 loss": (kl_penalty(lp, ref, "k3") * m).sum(1),
