@@ -490,7 +490,7 @@ def grpo_loss(
         ref_logprobs: [N, T] log π_ref (frozen reference), needed when beta > 0.
         entropy: [N, T] H(π_θ(· | q, o_{i,<t})), differentiable, needed when alpha > 0.
         beta: β ≥ 0, KL weight (DeepSeekMath 0.04; 0 in DAPO/Dr. GRPO).
-        alpha: α ≥ 0, entropy bonus weight (typically 0 to 1e-3).
+        alpha: α ≥ 0, entropy bonus weight (0 in DeepSeekMath, DAPO and TRL's default).
         eps_low: ε_low in [0, 1), lower clip range (PPO/GRPO 0.2).
         eps_high: ε_high ≥ 0, upper clip range (DAPO "clip-higher" 0.28); None means eps_low,
             or under CISPO ``CISPO_EPS_HIGH`` = 4 (a cap of 5 on the weight, ScaleRL's ε_max).
