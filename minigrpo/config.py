@@ -76,7 +76,7 @@ class GRPOConfig:
     beta: float = 0.04
     """β, weight of the KL loss to the frozen reference; 0–0.1 (0: no reference model kept)"""
     alpha: float = 0.0
-    """α, weight of the entropy bonus (minimising −α·H raises entropy); 0–1e-3"""
+    """α, weight of the entropy bonus (minimising −α·H raises entropy); 0 in DeepSeekMath, DAPO and TRL's default"""
     eps_low: float = 0.2
     """ε_low, the ratio is clipped below at 1 − ε_low; 0.1–0.3"""
     eps_high: float | None = None
