@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from minigrpo.data import gsm8k_prompt, load_gsm8k
 from minigrpo.gsm8k import FIXTURE_DIR
 from minigrpo.models import Sampler, load_smoke_model
 from minigrpo.rollout import rollout
+from sweeps import machine_record  # benchmarks/, this script's folder
 
 
 def main() -> None:
@@ -56,9 +54,7 @@ def main() -> None:
         "temperature": 1.0, "seed": args.seed,
         "eos_finished": [not cut for cut in batch.truncated.tolist()],  # an EOS came within the limit
         "token_gaps": [[round(x, 7) for x in row[keep].tolist()] for row, keep in zip(gap, mask)],
-        "seconds": time.perf_counter() - start, "torch_version": torch.__version__,
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-        "numerics_pins": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")},
+        "seconds": time.perf_counter() - start, **machine_record(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

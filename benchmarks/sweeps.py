@@ -133,6 +133,14 @@ SWEEPS = {
 }
 
 
+def machine_record() -> dict:
+    """Where a benchmark ran: torch, platform, cores, Python, and the numerics pins of
+    ``conftest.py`` as this process has them (None: the libraries' default CPU code)."""
+    return dict(torch_version=torch.__version__, platform=platform.platform(), cpu_count=os.cpu_count(),
+                python=sys.version.split()[0],
+                numerics_pins={k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")})
+
+
 def lengths(result) -> dict:
     """Mean length (characters = tokens here) of the greedy completions, right and wrong."""
     right = [len(c) for c, ok in zip(result.completions, result.correct_mask) if ok]
@@ -209,9 +217,7 @@ def main() -> None:
             evals = run["evals"]
             print(f"seed {seed} {name:>44}: {evals[0]['accuracy']:.3f} -> {evals[-1]['accuracy']:.3f} "
                   f"({run['seconds']:.0f} s)", flush=True)
-    machine = dict(torch_version=torch.__version__, platform=platform.platform(), cpu_count=os.cpu_count(),
-                   python=sys.version.split()[0],
-                   numerics_pins={k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")})
+    machine = machine_record()
     if args.only:  # the runs added later, each with its command, time and machine
         result.setdefault("added", []).append(dict(command=command, seconds=time.perf_counter() - start, **machine))
     else:
