@@ -104,8 +104,11 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     With d = log π_ref(o_t) − log π_θ(o_t):
 
         k1 = −d                  unbiased, high variance, can be negative
-        k2 = d² / 2              biased, low variance, ≥ 0
-        k3 = exp(d) − d − 1      unbiased, low variance, ≥ 0   (DeepSeekMath GRPO)
+        k2 = d² / 2              biased, ≥ 0; low variance while π_θ and π_ref are close
+        k3 = exp(d) − d − 1      unbiased, ≥ 0   (DeepSeekMath GRPO)
+
+    k3's variance contains χ²(π_ref ‖ π_θ) = E_π_θ[(π_ref/π_θ)²] − 1: low while the two are close,
+    infinite where the reference's tails are heavy enough (book, chapter 4).
 
     ``ref_logprobs`` is the frozen reference: it is detached.  Same shape in, same shape out.
     No clamping: ``|d| > 88`` overflows exp in float32, as the formula does.

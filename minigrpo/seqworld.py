@@ -278,9 +278,10 @@ def kl_coefficients(
     RLHF does; sg = stop-gradient), weighted by the sequence ratio w so that they stay exact
     off-policy: token t's score is multiplied by every token's penalty, or by its own and the later
     ones' (earlier penalties average to zero against it).  Both recompute the penalty with the
-    current π_θ.  The third is the penalty as RLHF implementations store it (TRL's PPOTrainer, for
-    one): computed once from the rollout's log-probabilities, k1old_s = log π_old(o_s | o_<s) −
-    log π_ref(o_s | o_<s), and held fixed while θ moves.  Its expectation under π_old is
+    current π_θ.  The third is the penalty as RLHF implementations store it (TRL's PPOTrainer did,
+    in the versions that shipped it; TRL 1.16 has none): computed once from the rollout's
+    log-probabilities, k1old_s = log π_old(o_s | o_<s) − log π_ref(o_s | o_<s), and held fixed
+    while θ moves.  Its expectation under π_old is
     Σ_o π_θ(o)·log(π_old(o)/π_ref(o))·∇ log π_θ(o) = ∇KL(π_θ ‖ π_ref) − ∇KL(π_θ ‖ π_old): the first
     row's on-policy, biased off it.  The last four are per-token losses as GRPO writes them, each
     token's term differentiated on its own; their sum over t is taken (GRPO's ``"grpo"``
