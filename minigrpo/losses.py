@@ -73,8 +73,8 @@ def _check_coef(value: float, name: str, upper: float = math.inf) -> None:
 def check_rollout_options(rollout_correction: str | None, rollout_ratio_min: float | None,
                           rollout_ratio_max: float | None, off_policy_mask_threshold: float | None) -> None:
     """The rollout-correction settings (``grpo_loss``'s and ``GRPOConfig``'s, same names): a mode
-    in ``ROLLOUT_CORRECTIONS`` or None; each bound None or a finite number > 0, C_min ≤ C_max; δ
-    None or finite.  ``ValueError`` naming the argument otherwise."""
+    in ``ROLLOUT_CORRECTIONS`` or None; each bound None or a finite number > 0, C_min ≤ C_max;
+    δ_off (``off_policy_mask_threshold``) None or finite.  ``ValueError`` naming the argument otherwise."""
     if rollout_correction is not None:
         _check_choice(rollout_correction, ROLLOUT_CORRECTIONS, "rollout_correction")
     for name, value in (("rollout_ratio_min", rollout_ratio_min), ("rollout_ratio_max", rollout_ratio_max)):
@@ -252,12 +252,13 @@ def rollout_weight(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rollout (sampler) correction w, [N, T], and where the bounds changed it, [N, T] bool.
 
-    The sampler π_rollout drew the tokens; the trainer's π_old recomputes their log-probs.  With
-    d_{i,t} = m·(log π_old(o_{i,t}) − log π_rollout(o_{i,t})), and d = 0 where the rollout
-    log-prob is NaN (the sampler gave none)::
+    The sampler π_rollout drew the tokens; the trainer's π_old recomputes their log-probs.  w is
+    the ratio π_old/π_rollout (the book's ω), per token or per completion; a token whose rollout
+    log-prob is NaN (the sampler gave none) adds 0 to the exponent::
 
-        "token_*":     w_{i,t} = exp(d_{i,t})
-        "sequence_*":  w_i = exp(Σ_t d_{i,t}), the same for every t (a sum, not GSPO's mean)
+        "token_*":     w_{i,t} = exp(m_{i,t}·(log π_old(o_{i,t}) − log π_rollout(o_{i,t})))
+        "sequence_*":  w_i = exp(Σ_t m_{i,t}·(log π_old(o_{i,t}) − log π_rollout(o_{i,t}))),
+                       the same for every t (a sum in the exponent, not GSPO's mean)
         "*_truncate":  w ← clamp(w, C_min, C_max)                       (truncated IS, TIS)
         "*_mask":      w ← 0 where w < C_min or w > C_max, else w       (masked IS, MIS)
 
@@ -285,12 +286,12 @@ def off_policy_mask(
 ) -> torch.Tensor:
     """DeepSeek-V3.2's off-policy sequence mask (eq. 9), [N] bool, True = keep:
 
-        keep_i = Â_i ≥ 0  or  Σ_t m·(log π_rollout(o_{i,t}) − sg(log π_θ(o_{i,t}))) / max(Σ_t m, 1) ≤ δ
+        keep_i = Â_i ≥ 0 or Σ_t m·(log π_rollout(o_{i,t}) − sg(log π_θ(o_{i,t}))) / max(Σ_t m, 1) ≤ δ_off
 
     The mean log-prob gap is a sample estimate of KL(π_rollout ‖ π_θ) on completion i: a completion
-    with a negative advantage that the current policy has drifted far from (gap > δ) is dropped.
+    with a negative advantage that the current policy has drifted far from (gap > δ_off) is dropped.
     A NaN rollout log-prob adds 0 to the sum and still counts in Σ_t m (as in TRL 1.16's
-    ``GRPOTrainer.get_off_policy_mask``).  δ = ``off_policy_mask_threshold`` (TRL's name; 0.5 e.g.).
+    ``GRPOTrainer.get_off_policy_mask``).  δ_off = ``off_policy_mask_threshold`` (TRL's name; 0.5 e.g.).
     """
     gap = _nan_to_zero(torch.where(mask, rollout_logprobs.detach() - logprobs.detach(), 0.0))  # (N, T)
     mean_gap = gap.sum(1) / mask.sum(1).clamp(min=1)  # (N,)
@@ -327,7 +328,7 @@ LENGTH_METRICS = ("completion_tokens_mean", "completion_tokens_pos_adv", "comple
 
 
 def length_metrics(mask: torch.Tensor, advantages: torch.Tensor) -> dict[str, float | None]:
-    """The mean completion length ℓ_i = Σ_t m_{i,t} (the length of o_i) over the N completions, and the same over
+    """The mean completion length |o_i| = Σ_t m_{i,t} over the N completions, and the same over
     those with Â > 0 and with Â < 0 (None if there are none): the lengths Dr. GRPO's
     length-bias argument is about."""
     lengths = mask.sum(1).double()  # (N,) the lengths ℓ_i
@@ -524,9 +525,9 @@ def grpo_loss(
             ``vllm_importance_sampling_mode``).  Needs ``rollout_logprobs``.
         rollout_ratio_min: C_min > 0 or None (no lower bound; TRL's default).
         rollout_ratio_max: C_max > 0 or None (no upper bound); TRL's default 3.0.
-        off_policy_mask_threshold: δ of DeepSeek-V3.2's off-policy sequence mask
+        off_policy_mask_threshold: δ_off of DeepSeek-V3.2's off-policy sequence mask
             (``off_policy_mask``), e.g. 0.5: a completion with Â < 0 whose mean log-prob gap
-            log π_rollout − log π_θ exceeds δ gets no policy gradient; ``old_logprobs`` stand in
+            log π_rollout − log π_θ exceeds δ_off gets no policy gradient; ``old_logprobs`` stand in
             for ``rollout_logprobs`` when those are None (as in TRL).  None: off.
     Returns:
         ``LossOutput``; the KL (entropy) term is reported whenever ref_logprobs (entropy) is
