@@ -5,7 +5,11 @@ with rewards r_1..r_G, and uses the group itself as the baseline:
 
     Â_i = (r_i − mean_j r_j) / (std_j r_j + δ)
 
-δ is a small floor (the keyword ``eps``) that keeps the division finite.  The baseline
+δ (the keyword ``eps``) is a small constant added to the std, not a floor max(std, δ).  A group
+whose rewards are all equal gets advantages of exactly 0 without a division, so δ is not what
+keeps the division finite here.  With 0/1 rewards a live group's std is at least 1/√G and δ
+barely changes the advantages; for a group whose rewards differ by about δ or less, δ dominates
+the denominator and pulls the advantages towards 0.  The baseline
 mean_j r_j includes r_i itself; ``baseline="leave_one_out"`` uses the mean of the other G − 1
 instead (RLOO), which is the same advantage times G/(G − 1).  Every token of
 completion i shares the advantage Â_i.  Rewards arrive as one flat vector of
@@ -87,7 +91,7 @@ def group_advantages(
         rewards: [N] finite floats, consecutive blocks of ``group_size`` forming one group.
         group_size: G, a positive int dividing N.
         scale: "group", "batch" or "none".
-        eps: the floor δ ≥ 0 added to the std (typical 1e-4, as TRL); ignored for "none".
+        eps: δ ≥ 0, added to the std (typical 1e-4, as TRL); ignored for "none".
         baseline: "mean" or "leave_one_out" (G ≥ 2).
     Returns:
         [N] advantages, same dtype as ``rewards``.
