@@ -386,8 +386,12 @@ def grpo_expected_gradient(
     (G−1)/(G·L_max)·∇J for the group mean and ∇J/L_max for ``baseline="leave_one_out"``.  The
     length in "grpo" and "dapo" and the group's std (``scale="group"``) make the weight of a
     completion depend on its length and on the rest of its group, and the expectation is in
-    general no longer a multiple of ∇J.  (With one prompt and two reward values the std only
-    rescales it: any function of a two-valued reward is affine in it.)
+    general no longer a multiple of ∇J.  (With one prompt, two reward values and a weight a_i that
+    depends on o_i alone, "grpo" or "dr_grpo", the std only rescales the ``scale="none"``
+    expectation: the other members are independent of o_i, so E[Â_i | o_i] is a function of r_i
+    alone, affine on two values and of mean zero, hence a multiple of r_i − E[r].  Under "dapo"
+    a_i depends on the other members' lengths, which go with their rewards, and the std can turn
+    it, slightly on the book's world.)
 
     Exact, not sampled: a_i·Â_i depends on the group only through each member's (reward, length)
     class, so the expectation is a finite sum over the class of o_i and the multiset of the other
