@@ -7,9 +7,11 @@ gold answer.  No reward model, nothing to hack but the answer itself.
 Extraction (``extract_answer``), first rule that finds something wins:
 
 1. the last complete ``\\boxed{…}`` (braces balanced, so ``\\boxed{\\frac{3}{4}}`` works);
-2. the rest of the line after the last ``####`` (GSM8K's own answer marker);
-3. after the last "the answer is" / "the final answer is" (any case), up to the end of the
-   sentence or line;
+2. the rest of the line after the last ``#### `` (GSM8K's own answer marker, with its space:
+   ``####4`` is no marker);
+3. after the last "the answer is" / "the final answer is" (any case), up to the first full
+   stop followed by whitespace or the end of the text, or to the end of the line (``!`` and
+   ``?`` end nothing: "The answer is 7! Then 9." gives ``7! Then 9``);
 4. the last number in the text: ``-12``, ``1,000``, ``3.5``, ``3/4``.
 
 Every regex here is linear in the length of the text (no nested quantifiers that can
@@ -106,7 +108,8 @@ def _after_marker(text: str) -> str | None:
 
 
 def _after_answer_is(text: str) -> str | None:
-    """What follows the last "the answer is", up to the end of that sentence or line."""
+    """What follows the last "the answer is", up to the first full stop followed by whitespace
+    or the end of the text, or to the end of the line."""
     last = None
     for last in _ANSWER_IS.finditer(text):
         pass
@@ -140,7 +143,7 @@ def _extract(completion: str) -> tuple[str, bool] | None:
 
 def extract_answer(completion: str) -> str | None:
     """The final answer stated in ``completion``, or None: last ``\\boxed{…}``, else after
-    ``####``, else after "the answer is", else the last number.  Never raises."""
+    ``#### ``, else after "the answer is", else the last number.  Never raises."""
     if not isinstance(completion, str):
         return None
     found = _extract(completion)
