@@ -24,11 +24,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+from minigrpo.logprobs import CHUNK_ELEMENTS
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 """The chapter's model: 494M parameters, tied embeddings, a chat template."""
@@ -56,10 +59,15 @@ def choose_dtype(device: str | torch.device, lora: bool) -> torch.dtype:
       underflows in the backward pass (and Qwen2's activations are known to overflow it).
     """
     device = torch.device(device)
-    if device.type != "cuda" or not lora:
+    if device.type != "cuda":
         return torch.float32
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float32
+    return gpu_dtype(torch.cuda.get_device_capability(device), lora)
+
+
+def gpu_dtype(capability: tuple[int, int], lora: bool) -> torch.dtype:
+    """``choose_dtype``'s rule on a GPU of this compute capability: bfloat16 for a LoRA base on
+    8.0 and above, float32 otherwise."""
+    return torch.bfloat16 if lora and capability[0] >= 8 else torch.float32
 
 
 def enable_tf32() -> None:
@@ -158,6 +166,18 @@ def qwen25_05b_config(**overrides) -> Qwen2Config:
     )
     config.update(overrides)
     return Qwen2Config(**config)
+
+
+def smollm2_135m_config(**overrides):
+    """The architecture of HuggingFaceTB/SmolLM2-135M-Instruct, the smoke model (a Llama):
+    30 layers, d = 576, 9 query heads and 3 key/value heads of size 64, SwiGLU MLP of 1,536,
+    vocabulary 49,152, tied embeddings."""
+    from transformers import LlamaConfig
+
+    config = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, hidden_act="silu", tie_word_embeddings=True)
+    config.update(overrides)
+    return LlamaConfig(**config)
 
 
 def random_model(config, *, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -439,6 +459,111 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+# ---------------------------------------------------------------- a memory model of one step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """The bytes a GRPO step holds at its highest, by part (``step_memory``)."""
+
+    weights: int
+    """the model's parameters in their dtype, and a LoRA adapter's in float32"""
+    reference: int
+    """a frozen copy of the weights for π_ref: full fine-tuning with β > 0 (LoRA: the adapter off, 0)"""
+    optimizer: int
+    """the trainable parameters' float32 gradients and AdamW's two moments: 12 bytes each"""
+    saved: int
+    """what the forward pass keeps for the backward pass: each block's input with gradient
+    checkpointing, every block's activations without"""
+    block: int
+    """one block's activations, recomputed during the backward pass (checkpointing; else 0)"""
+    logits: int
+    """one pass's logits, (rows, T + 1, V) in the model's dtype, and their gradient, with the
+    log-prob function's two float32 chunks (about ``logprobs.CHUNK_ELEMENTS`` numbers each)"""
+    kv_cache: int
+    """keys and values of the sampled batch at full length, in the model's dtype"""
+
+    @property
+    def update(self) -> int:
+        """What the update adds to the weights at its peak: the gradients and AdamW's state, the
+        saved tensors, and the larger of the logits with their gradient (the backward pass's
+        start) and a recomputed block (later in it)."""
+        return self.optimizer + self.saved + max(self.logits, self.block)
+
+    @property
+    def total(self) -> int:
+        """The step's peak: the weights and the reference, plus the larger of the update and sampling."""
+        return self.weights + self.reference + max(self.update, self.optimizer + self.kv_cache)
+
+
+def block_activations(config, lora_rank: int = 0) -> int:
+    """Numbers one transformer block keeps per token for its backward pass (a Llama/Qwen2 block,
+    SDPA attention, SiLU MLP): 8d + 2·kv + 4·ffn, plus 7 r_LoRA for the adapters' inner
+    outputs, plus one log-sum-exp per query head and two RMSNorm statistics.
+
+    8d: the two RMSNorms' inputs and outputs, the queries, the attention's output and its
+    reshaped copy, and the residual stream's copy the MLP's norm reads; 2·kv: keys and values;
+    4·ffn: the MLP's gate, its SiLU, the up projection and their product.  Checked against the
+    tensors autograd saves in a block (``tests/test_models.py``: within 10%, with LoRA and without,
+    float32 and bfloat16, padded batches included)."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = config.num_key_value_heads * d // heads
+    return 8 * d + 2 * kv + 4 * ffn + 7 * lora_rank + heads + 2
+
+
+def lora_parameters(config, lora_rank: int) -> int:
+    """Parameters of a rank-r adapter on the seven linear layers of every block (q, k, v, o;
+    gate, up, down): r·(d_in + d_out) each."""
+    d, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * d // config.num_attention_heads
+    return layers * lora_rank * (2 * (d + d) + 2 * (d + kv) + 3 * (d + ffn))
+
+
+def step_memory(config, *, rows: int, prompt_tokens: int, completion_tokens: int, sampled_rows: int,
+                dtype: torch.dtype = torch.float32, lora_rank: int = 0, gradient_checkpointing: bool = True,
+                reference_copy: bool = False) -> StepMemory:
+    """A model of a GRPO step's memory, from the architecture and the shapes alone.
+
+    ``rows`` sequences per forward pass (``rows_per_pass``) of ``prompt_tokens`` L +
+    ``completion_tokens`` T tokens; ``sampled_rows`` sequences sampled at once (the step's
+    N).  With b the bytes of ``dtype``, a the numbers a block keeps per token
+    (``block_activations``) and n_layers blocks:
+
+        saved  = n_layers · rows · (L + T) · d · b      (checkpointing; else a in place of d)
+        block  = rows · (L + T) · a · b                 (checkpointing; else 0)
+
+    (with LoRA on a half-precision base, peft's float32 copies of the adapters' inputs add
+    (6d + ffn) · 4 bytes per token to a · b)
+        logits = 2 · rows · (T + 1) · V · b + 2 · 4 · chunk · V
+                      (the logits, their gradient, and the log-prob function's two float32
+                       chunks of ``logprobs.CHUNK_ELEMENTS`` numbers, or all the rows if fewer)
+
+    Not counted: CUDA's context and its allocator's slack, the few small tensors per token, an
+    eager attention's (heads × L × L) scores."""
+    b = torch.finfo(dtype).bits // 8
+    d, layers, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * d // config.num_attention_heads
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    adapter = lora_parameters(config, lora_rank)
+    trainable = adapter if lora_rank else n_params
+    S = prompt_tokens + completion_tokens
+    chunk = min(max(1, CHUNK_ELEMENTS // V), rows * (completion_tokens + 1))  # rows of logprobs' chunks
+    per_token = block_activations(config, lora_rank) * b  # bytes a block keeps per token
+    if lora_rank and b < 4:  # peft casts each adapter's input to the adapter's float32
+        per_token += (6 * d + config.intermediate_size) * 4
+    return StepMemory(
+        weights=n_params * b + adapter * 4,
+        reference=n_params * b if reference_copy and not lora_rank else 0,
+        optimizer=12 * trainable,
+        saved=layers * rows * S * (d * b if gradient_checkpointing else per_token),
+        block=rows * S * per_token if gradient_checkpointing else 0,
+        logits=2 * rows * (completion_tokens + 1) * V * b + 2 * chunk * V * 4,
+        kv_cache=2 * layers * sampled_rows * S * kv * b,
+    )
 
 
 @contextlib.contextmanager

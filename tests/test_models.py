@@ -23,6 +23,10 @@ def smoke():
 def test_smoke_model_loads_offline_with_a_chat_template(smoke, monkeypatch):
     model, tokenizer = smoke
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    written = models.smollm2_135m_config()  # the memory model's copy of its architecture
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings"):
+        assert getattr(model.config, key) == getattr(written, key), key
     assert model.dtype == torch.float32
     assert tokenizer.padding_side == "left"
     prompt = tokenizer.apply_chat_template(
@@ -118,6 +122,58 @@ def test_dtype_rule(monkeypatch, capability, lora_dtype):
     assert models.choose_dtype("cpu", lora=True) == torch.float32
     assert models.choose_dtype("cuda", lora=False) == torch.float32
     assert models.choose_dtype("cuda", lora=True) == lora_dtype
+
+
+BLOCK_QWEN = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+
+
+def saved_bytes(model, ids, mask) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one forward pass, each
+    storage once, the parameters not counted."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype, lora_rank", [(torch.float32, 0), (torch.float32, 4), (torch.bfloat16, 4)])
+def test_block_activations_are_what_a_block_saves(dtype, lora_rank):
+    """``step_memory``'s block term against what autograd saves in one more block (a 2-block
+    model less a 1-block one), on a left-padded batch as the trainer runs: within 10%."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    saved = []
+    for layers in (1, 2):
+        model = models.random_model(models.qwen25_05b_config(num_hidden_layers=layers, **BLOCK_QWEN), dtype=dtype)
+        saved.append(saved_bytes(models.prepare_for_training(model, lora_rank=lora_rank).train(), ids, mask))
+    block = models.step_memory(models.qwen25_05b_config(**BLOCK_QWEN), rows=3, prompt_tokens=20, completion_tokens=0,
+                               sampled_rows=3, dtype=dtype, lora_rank=lora_rank).block
+    assert saved[1] - saved[0] == pytest.approx(block, rel=0.10)
+
+
+def test_step_memory_agrees_with_the_measured_cpu_peaks():
+    """The memory model against ``benchmarks/update_memory.py``'s measured peaks (SmolLM2-135M,
+    LoRA r = 8, checkpointing, float32), every ``rows_per_pass``: within 15%, the margin the GPU
+    plan (``gsm8k.MEMORY_MODEL_MARGIN``) leaves."""
+    import json
+    from pathlib import Path
+
+    measured = json.loads((Path(__file__).parents[1] / "benchmarks/results/update_memory.json").read_text())
+    smollm2 = models.smollm2_135m_config()
+    for run in measured["runs"]:
+        m = models.step_memory(smollm2, rows=run["rows_per_pass"], prompt_tokens=run["prompt_tokens"],
+                               completion_tokens=run["completion_tokens"], sampled_rows=run["rows"], lora_rank=8)
+        modelled = m.update - 8 * models.lora_parameters(smollm2, 8)  # AdamW's moments exist before the measured update
+        assert modelled / 2**20 == pytest.approx(run["update_peak_mib"], rel=0.15), run["rows_per_pass"]
 
 
 def test_bad_arguments_are_value_errors():
