@@ -2,7 +2,7 @@
 
 A randomly initialised model of Qwen2.5-0.5B-Instruct's architecture (the config is written
 out in ``minigrpo.models.qwen25_05b_config``; nothing is downloaded) goes through the trainer's
-real step: G = 8 completions of 256 new tokens for each of 8 prompts (a random model never
+real step: G = 8 completions of 512 new tokens for each of 8 prompts (a random model never
 emits EOS, so every completion is full length: the worst case), old and reference log-probs,
 the GRPO loss in mini-batches, AdamW.  Weights are random, so rewards and losses are
 meaningless; shapes, FLOPs and memory are those of the real run.
@@ -33,7 +33,7 @@ from minigrpo.rollout import sample_completions, tokenize_prompts
 from minigrpo.tiny import build_tokenizer
 from minigrpo.trainer import GRPOTrainer
 
-REAL = dict(prompts=8, group_size=8, max_new_tokens=256, prompt_chars=150, minibatches=2)
+REAL = dict(prompts=8, group_size=8, max_new_tokens=512, prompt_chars=150, minibatches=2)  # the real run's
 TINY = dict(prompts=2, group_size=2, max_new_tokens=16, prompt_chars=20, minibatches=1)
 TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1)
@@ -74,13 +74,22 @@ def generation_throughput(model, tokenizer, examples, shape: dict, device: str) 
             "generated_tokens_per_s": tokens / seconds}
 
 
+def rows_per_pass(shape: dict, lora_rank: int, device: str) -> int:
+    """The real configuration's ``rows_per_pass`` for this GPU (``gsm8k.plan_memory``); 16 for the tiny check."""
+    if device != "cuda":
+        return 16
+    from minigrpo import gsm8k
+
+    return gsm8k.real_run(device=device, lora_rank=lora_rank).grpo.rows_per_pass
+
+
 def step_times(model, tokenizer, examples, shape: dict, lora_rank: int, steps: int, device: str) -> dict:
     """Median seconds and peak memory of ``steps`` GRPO steps of the trainer (after one warm-up
     step that is not counted)."""
     config = GRPOConfig(
         steps=steps + 1, prompts_per_step=shape["prompts"], group_size=shape["group_size"],
         max_new_tokens=shape["max_new_tokens"], num_minibatches=shape["minibatches"],
-        beta=0.04, lr=1e-5, eval_every=0, rows_per_pass=16,
+        beta=0.04, lr=1e-5, eval_every=0, rows_per_pass=rows_per_pass(shape, lora_rank, device),
     )
     trainer = GRPOTrainer(model, tokenizer, examples, examples[:1], config)
     trainer.train_step()  # warm-up: kernels, allocator, optimizer state
@@ -88,7 +97,7 @@ def step_times(model, tokenizer, examples, shape: dict, lora_rank: int, steps: i
     with models.peak_memory(device) as memory:
         for _ in range(steps):
             seconds.append(trainer.train_step()["step_seconds"])
-    return {"step_seconds_median": statistics.median(seconds), "step_seconds": seconds,
+    return {"rows_per_pass": config.rows_per_pass, "step_seconds_median": statistics.median(seconds), "step_seconds": seconds,
             "peak_memory_gib": memory["peak_gib"]}
 
 

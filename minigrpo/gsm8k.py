@@ -77,24 +77,88 @@ class GSM8KRun:
             raise ValueError(f"task must be 'gsm8k' or 'word_problems', got {self.task!r}")
 
 
-def real_run(model: str = models.DEFAULT_MODEL, device: str = "cuda", lora_rank: int = 32) -> GSM8KRun:
-    """The chapter's configuration for one GPU (aimed at 16 GB; no GPU run of it has been
-    recorded, and whether it fits a 16 GB T4 is untested).
+GPUS = {"T4": (16e9, (7, 5)), "L4": (24e9, (8, 9)), "A100-40GB": (40e9, (8, 0)), "H100": (80e9, (9, 0))}
+"""GPUs the real configuration is planned for: nominal memory in bytes (10^9-byte GB), compute capability."""
 
-    Per step: 8 prompts × G = 8 completions of ≤ 256 tokens, updated in 2 mini-batches of 32
+PROMPT_TOKENS = 256
+"""The prompt width the memory plan assumes for a padded batch of chat-templated GSM8K questions:
+a bound chosen with room to spare, not measured here (Qwen's tokenizer needs the hub)."""
+
+MAX_ROWS_PER_EVAL = 128
+"""The largest evaluation batch the plan picks: more rows mostly wait for the batch's longest answer."""
+
+
+MEMORY_MODEL_MARGIN = 1.15
+"""How far the plan trusts ``models.step_memory``: it agreed with the CPU's measured peaks within
+15% (chapter 11), so a modelled peak must fit 15% over."""
+
+
+def gpu_budget(total_bytes: float) -> float:
+    """The modelled bytes a plan may fill: the GPU's memory less 1 GiB (CUDA's context and
+    kernels, which ``models.step_memory`` does not count), divided by ``MEMORY_MODEL_MARGIN``."""
+    return (total_bytes - 2**30) / MEMORY_MODEL_MARGIN
+
+
+def plan_memory(run: GSM8KRun, total_bytes: float, capability: tuple[int, int]) -> GSM8KRun:
+    """``run`` with ``rows_per_pass`` and ``eval_batch_size`` fitted to a GPU: each the largest
+    power of two (up to a mini-batch; up to ``MAX_ROWS_PER_EVAL``) whose modelled peak
+    (``models.step_memory`` with the dtype ``models.gpu_dtype`` picks, prompts of
+    ``PROMPT_TOKENS``) fits ``gpu_budget(total_bytes)``.  ``ValueError`` when not even one row fits."""
+    c, config = run.grpo, models.qwen25_05b_config()
+    dtype = models.gpu_dtype(capability, run.lora_rank > 0)
+    budget = gpu_budget(total_bytes)
+    minibatch = c.prompts_per_step * c.group_size // c.num_minibatches
+
+    def memory(rows, tokens, sampled):
+        return models.step_memory(config, rows=rows, prompt_tokens=PROMPT_TOKENS, completion_tokens=tokens,
+                                  sampled_rows=sampled, dtype=dtype, lora_rank=run.lora_rank,
+                                  gradient_checkpointing=run.gradient_checkpointing,
+                                  reference_copy=c.beta > 0)
+
+    def largest(limit, fits):
+        rows = 1 << (limit.bit_length() - 1)  # the largest power of two ≤ limit
+        while rows >= 1 and not fits(rows):
+            rows //= 2
+        if rows < 1:
+            raise ValueError(f"the {run.name} configuration does not fit {total_bytes / 1e9:.0f} GB with one row per pass")
+        return rows
+
+    n = c.prompts_per_step * c.group_size
+    rows_per_pass = largest(minibatch, lambda rows: memory(rows, c.max_new_tokens, n).total <= budget)
+    eval_rows = largest(MAX_ROWS_PER_EVAL, lambda rows: (
+        (m := memory(1, c.eval_max_new_tokens or c.max_new_tokens, rows)).weights + m.reference + m.kv_cache
+        + 2 * rows * config.vocab_size * 4 <= budget))  # + a float32 copy of the last logits and their scores
+    return dataclasses.replace(run, grpo=dataclasses.replace(c, rows_per_pass=rows_per_pass, eval_batch_size=eval_rows))
+
+
+def real_run(model: str = models.DEFAULT_MODEL, device: str = "cuda", lora_rank: int = 32,
+             gpu: str | None = None) -> GSM8KRun:
+    """The chapter's configuration for one GPU, fitted to its memory by ``plan_memory``: the GPU
+    ``gpu`` names in ``GPUS``, else the one ``device`` has, else (no GPU here) a T4.  No GPU run
+    of it has been recorded.
+
+    Per step: 8 prompts × G = 8 completions of ≤ 512 tokens, updated in 2 mini-batches of 32
     sequences (two AdamW steps); every forward pass, no-grad scoring and the update's
-    micro-batches alike, runs at most 16 sequences (``rows_per_pass``).  Evaluation: greedy, ≤ 512 tokens, the whole
-    test split.  LoRA (r = 32) keeps the reference free: it is the model with the adapter off;
-    its learning rate is 2e-5, full fine-tuning's (``lora_rank=0``) 1e-6.
+    micro-batches alike, runs at most ``rows_per_pass`` sequences (a T4: 8 with LoRA).
+    Evaluation: greedy, ≤ 768 tokens, the whole test split.  LoRA (r = 32) keeps the reference
+    free: it is the model with the adapter off; its learning rate is 2e-5, full fine-tuning's
+    (``lora_rank=0``) 1e-6.
     """
     grpo = GRPOConfig(
-        steps=100, prompts_per_step=8, group_size=8, temperature=1.0, max_new_tokens=256,
+        steps=100, prompts_per_step=8, group_size=8, temperature=1.0, max_new_tokens=512,
         reward_funcs=(correctness_reward, format_reward), reward_weights=(1.0, 1.0),
         accuracy_reward=correctness_reward, num_minibatches=2, beta=0.04, eps_low=0.2,
         lr=2e-5 if lora_rank > 0 else 1e-6, warmup_steps=5, eval_every=0, eval_size=1319,
-        eval_max_new_tokens=512, eval_batch_size=64, rows_per_pass=16, seed=0,
+        eval_max_new_tokens=768, seed=0,
     )
-    return GSM8KRun(name="real", model=model, device=device, lora_rank=lora_rank, grpo=grpo)
+    run = GSM8KRun(name="real", model=model, device=device, lora_rank=lora_rank, grpo=grpo)
+    if gpu is not None:
+        total, capability = GPUS[gpu]
+    elif torch.device(device).type == "cuda" and torch.cuda.is_available():
+        total, capability = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_capability(device)
+    else:
+        total, capability = GPUS["T4"]
+    return plan_memory(run, total, capability)
 
 
 def smoke_run() -> GSM8KRun:

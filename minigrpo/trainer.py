@@ -420,7 +420,8 @@ class GRPOTrainer:
                 if checkpoint_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self.save_checkpoint(checkpoint_dir)
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{self.evals[-1].accuracy:.3f}")
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", cut=f"{metrics['truncated_frac']:.2f}",
+                                acc=f"{self.evals[-1].accuracy:.3f}")  # cut: the share of completions at the limit
             bar.close()
         if checkpoint_dir:
             self.save_checkpoint(checkpoint_dir)

@@ -39,6 +39,36 @@ def test_configurations():
     assert (gsm8k.FIXTURE_DIR / "train.jsonl").exists() and (gsm8k.FIXTURE_DIR / "test.jsonl").exists()
 
 
+def test_the_real_configuration_is_fitted_to_its_gpu(monkeypatch):
+    """``plan_memory``: float32 on a T4 with 8 rows per pass (16 would pass the modelled budget
+    only without its 15% margin), the whole 32-row mini-batch in bfloat16 on an H100; the GPU
+    the machine has decides when none is named; too small a GPU is a ValueError."""
+    import torch
+
+    from minigrpo import models
+
+    t4, h100 = gsm8k.real_run(gpu="T4").grpo, gsm8k.real_run(gpu="H100").grpo
+    assert (t4.rows_per_pass, h100.rows_per_pass) == (8, 32)
+    assert t4.max_new_tokens == h100.max_new_tokens == 512
+    config = models.qwen25_05b_config()
+    for name, c in (("T4", t4), ("H100", h100)):
+        total, capability = gsm8k.GPUS[name]
+        dtype = models.gpu_dtype(capability, lora=True)
+        def peak(rows):
+            return models.step_memory(config, rows=rows, prompt_tokens=gsm8k.PROMPT_TOKENS, completion_tokens=512,
+                                      sampled_rows=64, dtype=dtype, lora_rank=32).total
+        assert peak(c.rows_per_pass) <= gsm8k.gpu_budget(total)
+        assert c.rows_per_pass == 32 or peak(2 * c.rows_per_pass) > gsm8k.gpu_budget(total)
+    assert gsm8k.real_run(gpu="T4", lora_rank=0).grpo.rows_per_pass == 4  # a float32 reference and AdamW's state
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("Props", (), {"total_memory": 16e9})())
+    assert gsm8k.real_run().grpo.rows_per_pass == 8  # the machine's own GPU: a T4
+    with pytest.raises(ValueError, match="does not fit"):
+        gsm8k.plan_memory(gsm8k.real_run(gpu="T4"), 4e9, (7, 5))
+
+
 @pytest.mark.slow
 def test_command_line_smoke_run(tmp_path):
     """``python -m minigrpo gsm8k --smoke --out x.json``, one step: the whole pipeline on the CPU
