@@ -328,7 +328,7 @@ LENGTH_METRICS = ("completion_tokens_mean", "completion_tokens_pos_adv", "comple
 
 
 def length_metrics(mask: torch.Tensor, advantages: torch.Tensor) -> dict[str, float | None]:
-    """The mean completion length |o_i| = Σ_t m_{i,t} over the N completions, and the same over
+    """The mean completion length ``|o_i| = Σ_t m_{i,t}`` over the N completions, and the same over
     those with Â > 0 and with Â < 0 (None if there are none): the lengths Dr. GRPO's
     length-bias argument is about."""
     lengths = mask.sum(1).double()  # (N,) the lengths ℓ_i

@@ -487,14 +487,14 @@ class StepMemory:
 
     @property
     def update(self) -> int:
-        """What the update adds to the weights at its peak: the gradients and AdamW's state, the
-        saved tensors, and the larger of the logits with their gradient (the backward pass's
-        start) and a recomputed block (later in it)."""
+        """The most the update adds to the weights (bytes), the sum of the gradients and AdamW's
+        state, the saved tensors, and the larger of the logits with their gradient (the backward
+        pass's start) and a recomputed block (later in it)."""
         return self.optimizer + self.saved + max(self.logits, self.block)
 
     @property
     def total(self) -> int:
-        """The step's peak: the weights and the reference, plus the larger of the update and sampling."""
+        """The step's peak in bytes, the weights and the reference plus the larger of the update and sampling."""
         return self.weights + self.reference + max(self.update, self.optimizer + self.kv_cache)
 
 
@@ -530,16 +530,16 @@ def step_memory(config, *, rows: int, prompt_tokens: int, completion_tokens: int
     ``rows`` sequences per forward pass (``rows_per_pass``) of ``prompt_tokens`` L +
     ``completion_tokens`` T tokens; ``sampled_rows`` sequences sampled at once (the step's
     N).  With b the bytes of ``dtype``, a the numbers a block keeps per token
-    (``block_activations``) and n_layers blocks:
+    (``block_activations``) and n_layers blocks::
 
         saved  = n_layers · rows · (L + T) · d · b      (checkpointing; else a in place of d)
         block  = rows · (L + T) · a · b                 (checkpointing; else 0)
-
-    (with LoRA on a half-precision base, peft's float32 copies of the adapters' inputs add
-    (6d + ffn) · 4 bytes per token to a · b)
         logits = 2 · rows · (T + 1) · V · b + 2 · 4 · chunk · V
-                      (the logits, their gradient, and the log-prob function's two float32
-                       chunks of ``logprobs.CHUNK_ELEMENTS`` numbers, or all the rows if fewer)
+
+    The logits term holds the logits, their gradient and the log-prob function's two float32
+    chunks of ``logprobs.CHUNK_ELEMENTS`` numbers (all the rows if fewer).  With LoRA on a
+    half-precision base, peft's float32 copies of the adapters' inputs add (6d + ffn) · 4 bytes
+    per token to a · b.
 
     Not counted: CUDA's context and its allocator's slack, the few small tensors per token, an
     eager attention's (heads × L × L) scores."""

@@ -7,7 +7,7 @@ gold answer.  No reward model, nothing to hack but the answer itself.
 Extraction (``extract_answer``), first rule that finds something wins:
 
 1. the last complete ``\\boxed{…}`` (braces balanced, so ``\\boxed{\\frac{3}{4}}`` works);
-2. the rest of the line after the last ``#### `` (GSM8K's own answer marker, with its space:
+2. the rest of the line after the last ``####`` and a space (GSM8K's own answer marker;
    ``####4`` is no marker);
 3. after the last "the answer is" / "the final answer is" (any case), up to the first full
    stop followed by whitespace or the end of the text, or to the end of the line (``!`` and
@@ -100,7 +100,7 @@ def _boxed_spans(text: str) -> list[tuple[int, int]]:
 
 
 def _after_marker(text: str) -> str | None:
-    """The rest of the line after the last ``#### ``, GSM8K's answer marker."""
+    """The rest of the line after the last ``####`` and a space, GSM8K's answer marker."""
     start = text.rfind("#### ")
     if start < 0:
         return None
@@ -143,7 +143,7 @@ def _extract(completion: str) -> tuple[str, bool] | None:
 
 def extract_answer(completion: str) -> str | None:
     """The final answer stated in ``completion``, or None: last ``\\boxed{…}``, else after
-    ``#### ``, else after "the answer is", else the last number.  Never raises."""
+    ``####`` and a space, else after "the answer is", else the last number.  Never raises."""
     if not isinstance(completion, str):
         return None
     found = _extract(completion)
