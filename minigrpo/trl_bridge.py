@@ -61,7 +61,8 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
         unsupported["a truncate rollout_correction without bounds"] = (
             config.rollout_correction.endswith("truncate") and bounds == (None, None))
     if any(unsupported.values()):
-        raise ValueError(f"TRL has no counterpart for {[k for k, v in unsupported.items() if v]}")
+        raise ValueError(f"not translated to TRL: {[k for k, v in unsupported.items() if v]} "
+                         "(TRL 1.16's GRPOConfig has no option checked to match)")
     n = config.prompts_per_step * config.group_size  # sequences per rollout
     updates = config.num_updates * config.num_minibatches
     if config.eps_high is not None:
