@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -113,17 +114,29 @@ def supervised_warmup(model, tokenizer, config: WarmupConfig, progress: bool = T
     return losses
 
 
+NUMERICS_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+"""The environment variables that pin the CPU kernels' rounding (``conftest.py`` says why)."""
+
+
 def warmup_key(config: WarmupConfig) -> str:
-    """A short hash of the warm-up config: the cache folder's name."""
-    text = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    """A short hash of what decides the warm-up's weights: the cache folder's name.
+
+    It hashes the config's fields, ``torch.__version__`` and the CPU numerics pins
+    (``NUMERICS_PINS``: each one's value in ``os.environ``, None when unset).  The pins change
+    the last bits of every float, so a warm-up cached without them (or under another torch) is
+    a different model, and a run with them must never load it."""
+    pins = {name: os.environ.get(name) for name in NUMERICS_PINS}
+    key = {"config": dataclasses.asdict(config), "torch": torch.__version__, "numerics_pins": pins}
+    text = json.dumps(key, sort_keys=True)
     return "warmup-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def warmup_model(config: WarmupConfig, cache_dir: str | Path | None = None, progress: bool = True):
     """``(model, tokenizer, info)`` after the supervised warm-up; ``info`` holds ``sft_seconds``,
-    ``losses`` and ``cached``.  With ``cache_dir`` the result is saved under a folder named by the
-    config's hash and loaded from there next time, with the same ``info`` (the seconds of the
-    original run).  Under torchrun rank 0 fills the cache first and the other ranks read it."""
+    ``losses`` and ``cached``.  With ``cache_dir`` the result is saved under a folder named by
+    ``warmup_key`` (the config, the torch version and the numerics pins) and loaded from there
+    next time, with the same ``info`` (the seconds of the original run).  Under torchrun rank 0
+    fills the cache first and the other ranks read it."""
     rank, world_size = dist_info()
     shared_cache = world_size > 1 and cache_dir is not None
     if shared_cache and rank != 0:

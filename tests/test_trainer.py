@@ -328,6 +328,26 @@ def test_warmup_cache_returns_the_same_model_and_info(tmp_path):
     assert tokenizer.decode(tokenizer("1+2=")["input_ids"], skip_special_tokens=True) == "1+2="
 
 
+def test_warmup_key_changes_with_the_numerics_pins_and_torch(monkeypatch):
+    """A warm-up cached without the CPU numerics pins (or under another torch) is never loaded
+    by a run with them: each pin's value, and the torch version, is part of the cache key."""
+    from minigrpo import arithmetic
+
+    config = WarmupConfig(steps=3, batch_size=8, model=SMALL, seed=5)
+    for name in arithmetic.NUMERICS_PINS:
+        monkeypatch.delenv(name, raising=False)
+    keys = {arithmetic.warmup_key(config)}
+    for name, value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "COMPATIBLE"),
+                        ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_CBWR", "AVX2")):
+        monkeypatch.setenv(name, value)
+        keys.add(arithmetic.warmup_key(config))
+    assert len(keys) == 5  # unset, then each pin set, then one changed: five different keys
+    pinned = arithmetic.warmup_key(config)
+    assert arithmetic.warmup_key(config) == pinned  # and the same environment, the same key
+    monkeypatch.setattr(arithmetic.torch, "__version__", "0.0.0")
+    assert arithmetic.warmup_key(config) != pinned
+
+
 def test_metric_labels_cover_the_loss_metrics():
     from minigrpo.losses import loss_metrics
 
