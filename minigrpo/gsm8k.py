@@ -126,8 +126,8 @@ def plan_memory(run: GSM8KRun, total_bytes: float, capability: tuple[int, int]) 
     n = c.prompts_per_step * c.group_size
     rows_per_pass = largest(minibatch, lambda rows: memory(rows, c.max_new_tokens, n).total <= budget)
     eval_rows = largest(MAX_ROWS_PER_EVAL, lambda rows: (
-        (m := memory(1, c.eval_max_new_tokens or c.max_new_tokens, rows)).weights + m.reference + m.kv_cache
-        + 2 * rows * config.vocab_size * 4 <= budget))  # + a float32 copy of the last logits and their scores
+        (m := memory(1, c.eval_max_new_tokens or c.max_new_tokens, rows)).weights + m.reference + m.optimizer
+        + m.kv_cache + 2 * rows * config.vocab_size * 4 <= budget))  # + the last logits, float32, and their scores
     return dataclasses.replace(run, grpo=dataclasses.replace(c, rows_per_pass=rows_per_pass, eval_batch_size=eval_rows))
 
 

@@ -49,8 +49,8 @@ def choose_dtype(device: str | torch.device, lora: bool) -> torch.dtype:
 
     - CPU: float32 (half precision is slow on CPUs and buys nothing here).
     - GPU, full fine-tuning: float32.  AdamW moves a weight by about lr per step in absolute
-      terms (1e-6 for full fine-tuning); a bfloat16 weight of size 0.02 is stored to
-      0.02 · 2^-8 ≈ 8e-5, so most updates would round away.  ``enable_tf32`` still lets the
+      terms (1e-6 for full fine-tuning); bfloat16 numbers near 0.02 are 2^-13 ≈ 1.2e-4 apart,
+      so an update below half that rounds away.  ``enable_tf32`` still lets the
       matmuls use the tensor cores.
     - GPU with LoRA, compute capability ≥ 8.0 (A100, H100): bfloat16.  The base weights are
       frozen, so half precision only rounds the forward pass; the adapter stays float32.
