@@ -121,12 +121,16 @@ NUMERICS_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 def warmup_key(config: WarmupConfig) -> str:
     """A short hash of what decides the warm-up's weights: the cache folder's name.
 
-    It hashes the config's fields, ``torch.__version__`` and the CPU numerics pins
-    (``NUMERICS_PINS``: each one's value in ``os.environ``, None when unset).  The pins change
-    the last bits of every float, so a warm-up cached without them (or under another torch) is
-    a different model, and a run with them must never load it."""
+    It hashes the config's fields, ``torch.__version__``, the CPU numerics pins
+    (``NUMERICS_PINS``: each one's value in ``os.environ``, None when unset) and the vector code
+    PyTorch's kernels run (``torch.backends.cpu.get_cpu_capability()``, which shows whether
+    torch read ``ATEN_CPU_CAPABILITY``).  The pins change the last bits of every float, so a
+    warm-up cached without them (or under another torch) is a different model, and a run with
+    them must never load it.  MKL and oneDNN read their pins once, when torch is imported, and
+    nothing reports whether they did: set the pins before importing torch."""
     pins = {name: os.environ.get(name) for name in NUMERICS_PINS}
-    key = {"config": dataclasses.asdict(config), "torch": torch.__version__, "numerics_pins": pins}
+    key = {"config": dataclasses.asdict(config), "torch": torch.__version__, "numerics_pins": pins,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     text = json.dumps(key, sort_keys=True)
     return "warmup-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
