@@ -42,7 +42,8 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
     TRL's ``entropy_coef`` subtracts coef × the token mean of the entropy for every loss type
     (in one process, minigrpo's α term under "dapo" only); untested here, so α > 0 is refused
     with what has no TRL counterpart: the k1/k2 estimators, shuffled rewards, the leave-one-out
-    baseline, dynamic sampling, per-reward normalisation or the overlong penalty
+    baseline, dynamic sampling, per-reward normalisation, top-k/top-p (TRL 1.16 samples with them
+    but scores without them) or the overlong penalty
     (TRL has it as a reward function, ``trl.rewards.get_soft_overlong_punishment``), nor for a
     ``"*_truncate"`` correction without any bound or one with C_min = C_max (TRL wants at least one
     bound and C_min < C_max): those raise ``ValueError``.
@@ -54,7 +55,9 @@ def trl_grpo_kwargs(config: GRPOConfig) -> dict:
     unsupported = dict(alpha=config.alpha != 0, kl_estimator=config.kl_estimator != "k3",
                        shuffle_rewards=config.shuffle_rewards, advantage_baseline=config.advantage_baseline != "mean",
                        dynamic_sampling=config.dynamic_sampling, overlong_cache=config.overlong_cache > 0,
-                       normalize_each_reward=config.normalize_each_reward)
+                       normalize_each_reward=config.normalize_each_reward,
+                       # TRL 1.16 samples with top-k/top-p but scores without them: another law (chapter 9)
+                       top_k_or_top_p=config.top_k != 0 or config.top_p != 1.0)
     bounds = (config.rollout_ratio_min, config.rollout_ratio_max)
     if config.rollout_correction is not None:
         unsupported["rollout_ratio_min == rollout_ratio_max"] = bounds[0] is not None and bounds[0] == bounds[1]

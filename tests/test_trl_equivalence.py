@@ -406,7 +406,8 @@ def test_the_translation_builds_the_same_schedule_in_trl(tmp_path):
     assert args.max_steps == c.steps * 8 and args.warmup_steps == 3 * 8
     assert args.loss_type == "bnpo" and args.epsilon_high == 0.28 and args.lr_scheduler_type == "cosine"
     for unsupported in (dict(alpha=1e-3), dict(kl_estimator="k2"), dict(shuffle_rewards=True),
-                        dict(advantage_baseline="leave_one_out"), dict(dynamic_sampling=True), dict(overlong_cache=2)):
+                        dict(advantage_baseline="leave_one_out"), dict(dynamic_sampling=True), dict(overlong_cache=2),
+                        dict(top_k=50), dict(top_p=0.9)):
         with pytest.raises(ValueError, match="not translated to TRL"):
             trl_grpo_kwargs(MinigrpoConfig(**unsupported))
     c = MinigrpoConfig(surrogate="cispo", loss_type="dapo", eps_high=4.0, kl_bias_correction=True, mask_truncated=True)
