@@ -102,11 +102,13 @@ def _entropy_from_log_softmax(logp: torch.Tensor, spare: torch.Tensor) -> torch.
 
 
 def _outside_logprob(x: torch.Tensor, logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π̃(o) for tokens o outside the kept set: log π(top) − (x_top − x_o), what the
-    renormalised softmax would give o were it kept (x_top − log π(top) is log Σ_kept exp x).
-    Finite, ≤ the least kept token's log-prob, and continuous in x: its gradient is
-    onehot(o) − π, the same formula as a kept token's.  ``x`` (r, V) untruncated, ``logp`` (r, V)
-    the truncated log-softmax, ``tokens`` (r, 1) → (r,)."""
+    """Stand-in log π̃(o) for tokens o outside the kept set: log π(top) − (x_top − x_o)
+    = x_o − log Σ_kept exp x (x_top − log π(top) is log Σ_kept exp x), o's logit measured against
+    the kept set's normaliser.  Not the log-prob o would get were it kept: that would also add
+    exp x_o to the normaliser.  Finite, ≤ the least kept token's log-prob, and continuous in x:
+    its gradient is onehot(o) − π, the same formula as a kept token's.  ``x`` (r, V) the logits
+    as scored (already divided by any temperature), untruncated; ``logp`` (r, V) the truncated
+    log-softmax, ``tokens`` (r, 1) → (r,)."""
     top = logp.argmax(-1, keepdim=True)  # (r, 1): a kept token of the largest logit
     gap = x.gather(-1, top).to(logp.dtype) - x.gather(-1, tokens).to(logp.dtype)  # (r, 1)
     return (logp.gather(-1, top) - gap).squeeze(-1)
