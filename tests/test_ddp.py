@@ -20,7 +20,8 @@ def test_two_ranks_end_with_identical_parameters(tmp_path, options):
     out = tmp_path / "ddp.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "minigrpo",
                "arithmetic", "--tiny", "--steps", "3", "--no-progress", "--seed", "1", "--out", str(out), *options]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # CPU ranks: without a visible GPU init_distributed picks gloo (on a GPU machine it would pick NCCL)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run(command, check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["world_size"] == 2

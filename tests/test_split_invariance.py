@@ -67,7 +67,8 @@ def test_two_ranks_give_the_one_process_gradient(one_process, tmp_path):
     groups in 4 mini-batches run the same collectives and end identical."""
     out = tmp_path / "split.pt"
     script = Path(split_update.__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # CPU ranks: without a visible GPU init_distributed picks gloo (on a GPU machine it would pick NCCL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), str(out)],
                    check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300)
     ranks = [torch.load(out, weights_only=True), torch.load(f"{out}.rank1", weights_only=True)]
