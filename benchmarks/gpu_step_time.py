@@ -74,7 +74,7 @@ def generation_throughput(model, tokenizer, examples, shape: dict, device: str) 
             "generated_tokens_per_s": tokens / seconds}
 
 
-def rows_per_pass(shape: dict, lora_rank: int, device: str) -> int:
+def rows_per_pass(lora_rank: int, device: str) -> int:
     """The real configuration's ``rows_per_pass`` for this GPU (``gsm8k.plan_memory``); 16 for the tiny check."""
     if device != "cuda":
         return 16
@@ -89,7 +89,7 @@ def step_times(model, tokenizer, examples, shape: dict, lora_rank: int, steps: i
     config = GRPOConfig(
         steps=steps + 1, prompts_per_step=shape["prompts"], group_size=shape["group_size"],
         max_new_tokens=shape["max_new_tokens"], num_minibatches=shape["minibatches"],
-        beta=0.04, lr=1e-5, eval_every=0, rows_per_pass=rows_per_pass(shape, lora_rank, device),
+        beta=0.04, lr=1e-5, eval_every=0, rows_per_pass=rows_per_pass(lora_rank, device),
     )
     trainer = GRPOTrainer(model, tokenizer, examples, examples[:1], config)
     trainer.train_step()  # warm-up: kernels, allocator, optimizer state

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from minigrpo.arithmetic import WarmupConfig, warmup_model
+from minigrpo.arithmetic import WarmupConfig, numerics_pins, warmup_model
 from minigrpo.config import GRPOConfig
 from minigrpo.data import arithmetic_examples
 from minigrpo.rewards import exact_match_reward, number_match_reward
@@ -138,7 +138,7 @@ def machine_record() -> dict:
     ``conftest.py`` as this process has them (None: the libraries' default CPU code)."""
     return dict(torch_version=torch.__version__, platform=platform.platform(), cpu_count=os.cpu_count(),
                 python=sys.version.split()[0],
-                numerics_pins={k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")})
+                numerics_pins=numerics_pins())
 
 
 def lengths(result) -> dict:

@@ -118,6 +118,11 @@ NUMERICS_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 """The environment variables that pin the CPU kernels' rounding (``conftest.py`` says why)."""
 
 
+def numerics_pins() -> dict[str, str | None]:
+    """Each of ``NUMERICS_PINS`` as this process has it (None: unset, the libraries' default code)."""
+    return {name: os.environ.get(name) for name in NUMERICS_PINS}
+
+
 def warmup_key(config: WarmupConfig) -> str:
     """A short hash of what decides the warm-up's weights: the cache folder's name.
 
@@ -128,8 +133,7 @@ def warmup_key(config: WarmupConfig) -> str:
     warm-up cached without them (or under another torch) is a different model, and a run with
     them must never load it.  MKL and oneDNN read their pins once, when torch is imported, and
     nothing reports whether they did: set the pins before importing torch."""
-    pins = {name: os.environ.get(name) for name in NUMERICS_PINS}
-    key = {"config": dataclasses.asdict(config), "torch": torch.__version__, "numerics_pins": pins,
+    key = {"config": dataclasses.asdict(config), "torch": torch.__version__, "numerics_pins": numerics_pins(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     text = json.dumps(key, sort_keys=True)
     return "warmup-" + hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-from minigrpo.logprobs import CHUNK_ELEMENTS
+from minigrpo.logprobs import _chunk_rows
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 """The chapter's model: 494M parameters, tied embeddings, a chat template."""
@@ -498,6 +498,11 @@ class StepMemory:
         return self.weights + self.reference + max(self.update, self.optimizer + self.kv_cache)
 
 
+def kv_width(config) -> int:
+    """The width of one token's keys (or values) in a block: key/value heads × head size."""
+    return config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+
+
 def block_activations(config, lora_rank: int = 0) -> int:
     """Numbers one transformer block keeps per token for its backward pass (a Llama/Qwen2 block,
     SDPA attention, SiLU MLP): 8d + 2·kv + 4·ffn, plus 7 r_LoRA for the adapters' inner
@@ -509,16 +514,13 @@ def block_activations(config, lora_rank: int = 0) -> int:
     tensors autograd saves in a block (``tests/test_models.py``: within 10%, with LoRA and without,
     float32 and bfloat16, padded batches included)."""
     d, ffn = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv = config.num_key_value_heads * d // heads
-    return 8 * d + 2 * kv + 4 * ffn + 7 * lora_rank + heads + 2
+    return 8 * d + 2 * kv_width(config) + 4 * ffn + 7 * lora_rank + config.num_attention_heads + 2
 
 
 def lora_parameters(config, lora_rank: int) -> int:
     """Parameters of a rank-r adapter on the seven linear layers of every block (q, k, v, o;
     gate, up, down): r·(d_in + d_out) each."""
-    d, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * d // config.num_attention_heads
+    d, ffn, layers, kv = config.hidden_size, config.intermediate_size, config.num_hidden_layers, kv_width(config)
     return layers * lora_rank * (2 * (d + d) + 2 * (d + kv) + 3 * (d + ffn))
 
 
@@ -545,13 +547,12 @@ def step_memory(config, *, rows: int, prompt_tokens: int, completion_tokens: int
     eager attention's (heads × L × L) scores."""
     b = torch.finfo(dtype).bits // 8
     d, layers, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    kv = config.num_key_value_heads * d // config.num_attention_heads
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     adapter = lora_parameters(config, lora_rank)
     trainable = adapter if lora_rank else n_params
     S = prompt_tokens + completion_tokens
-    chunk = min(max(1, CHUNK_ELEMENTS // V), rows * (completion_tokens + 1))  # rows of logprobs' chunks
+    chunk = min(_chunk_rows(V), rows * (completion_tokens + 1))  # rows of the log-prob function's chunks
     per_token = block_activations(config, lora_rank) * b  # bytes a block keeps per token
     if lora_rank and b < 4:  # peft casts each adapter's input to the adapter's float32
         per_token += (6 * d + config.intermediate_size) * 4
@@ -562,7 +563,7 @@ def step_memory(config, *, rows: int, prompt_tokens: int, completion_tokens: int
         saved=layers * rows * S * (d * b if gradient_checkpointing else per_token),
         block=rows * S * per_token if gradient_checkpointing else 0,
         logits=2 * rows * (completion_tokens + 1) * V * b + 2 * chunk * V * 4,
-        kv_cache=2 * layers * sampled_rows * S * kv * b,
+        kv_cache=2 * layers * sampled_rows * S * kv_width(config) * b,
     )
 
 
