@@ -185,16 +185,17 @@ def small_model_run(seed: int = 0, shuffle_rewards: bool = False) -> GSM8KRun:
 
     One-step word problems (``task="word_problems"``), greedy held-out accuracy on 300 of the
     313 held-out facts (one wording each; no held-out fact is trained on in any wording or order;
-    ≤ 32 tokens) before and after; 20 steps of 4 prompts × G = 8 samples of ≤ 24 tokens, each prompt
+    ≤ 32 tokens) before and after; 40 steps of 4 prompts × G = 8 samples of ≤ 24 tokens, each prompt
     run once per group in sampling and in the update (``shared_prefill``), rewarded by correctness alone (the one-shot prompt
-    already gets the answer boxed), LoRA r = 16 at lr 1e-4, no KL term.  7 to 8 minutes a run on
-    two cores (the committed runs, ``benchmarks/results/small_model_*.json``).
+    already gets the answer boxed), LoRA r = 16 at lr 1e-4 decaying linearly to 0 (Transformers'
+    default schedule), no KL term.  The committed runs (``benchmarks/results/small_model_*.json``)
+    say how long a run takes on two cores.
     ``shuffle_rewards=True`` is the control.
     """
     grpo = GRPOConfig(
-        steps=20, prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=24,
+        steps=40, prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=24,
         reward_funcs=(correctness_reward,), reward_weights=(1.0,), accuracy_reward=correctness_reward,
-        beta=0.0, lr=1e-4, eval_every=0, eval_size=300, eval_max_new_tokens=32, eval_batch_size=60,
+        beta=0.0, lr=1e-4, lr_schedule="linear", eval_every=0, eval_size=300, eval_max_new_tokens=32, eval_batch_size=60,
         shared_prefill=True,
         shuffle_rewards=shuffle_rewards, seed=seed,
     )
