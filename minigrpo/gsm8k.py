@@ -127,7 +127,7 @@ def plan_memory(run: GSM8KRun, total_bytes: float, capability: tuple[int, int]) 
     rows_per_pass = largest(minibatch, lambda rows: memory(rows, c.max_new_tokens, n).total <= budget)
     eval_rows = largest(MAX_ROWS_PER_EVAL, lambda rows: (
         (m := memory(1, c.eval_max_new_tokens or c.max_new_tokens, rows)).weights + m.reference
-        + m.optimizer * 2 // 3  # AdamW's two moments of the 12 bytes: the gradients are freed after each step
+        + m.moments  # still held after training; the gradients are freed after each step
         + m.kv_cache + 2 * rows * config.vocab_size * 4 <= budget))  # + the last logits, float32, and their scores
     return dataclasses.replace(run, grpo=dataclasses.replace(c, rows_per_pass=rows_per_pass, eval_batch_size=eval_rows))
 

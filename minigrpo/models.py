@@ -472,8 +472,11 @@ class StepMemory:
     """the model's parameters in their dtype, and a LoRA adapter's in float32"""
     reference: int
     """a frozen copy of the weights for π_ref: full fine-tuning with β > 0 (LoRA: the adapter off, 0)"""
-    optimizer: int
-    """the trainable parameters' float32 gradients and AdamW's two moments: 12 bytes each"""
+    gradients: int
+    """the trainable parameters' float32 gradients: 4 bytes each"""
+    moments: int
+    """AdamW's two moments of the trainable parameters, float32: 8 bytes each (held from the
+    first optimiser step on)"""
     saved: int
     """what the forward pass keeps for the backward pass: each block's input with gradient
     checkpointing, every block's activations without"""
@@ -488,14 +491,14 @@ class StepMemory:
     @property
     def update(self) -> int:
         """The most the update adds to the weights (bytes), the sum of the gradients and AdamW's
-        state, the saved tensors, and the larger of the logits with their gradient (the backward
+        moments, the saved tensors, and the larger of the logits with their gradient (the backward
         pass's start) and a recomputed block (later in it)."""
-        return self.optimizer + self.saved + max(self.logits, self.block)
+        return self.gradients + self.moments + self.saved + max(self.logits, self.block)
 
     @property
     def total(self) -> int:
         """The step's peak in bytes, the weights and the reference plus the larger of the update and sampling."""
-        return self.weights + self.reference + max(self.update, self.optimizer + self.kv_cache)
+        return self.weights + self.reference + max(self.update, self.gradients + self.moments + self.kv_cache)
 
 
 def kv_width(config) -> int:
@@ -559,7 +562,8 @@ def step_memory(config, *, rows: int, prompt_tokens: int, completion_tokens: int
     return StepMemory(
         weights=n_params * b + adapter * 4,
         reference=n_params * b if reference_copy and not lora_rank else 0,
-        optimizer=12 * trainable,
+        gradients=4 * trainable,
+        moments=8 * trainable,
         saved=layers * rows * S * (d * b if gradient_checkpointing else per_token),
         block=rows * S * per_token if gradient_checkpointing else 0,
         logits=2 * rows * (completion_tokens + 1) * V * b + 2 * chunk * V * 4,
