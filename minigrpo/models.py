@@ -497,8 +497,9 @@ class StepMemory:
 
     @property
     def total(self) -> int:
-        """The step's peak in bytes, the weights and the reference plus the larger of the update and sampling."""
-        return self.weights + self.reference + max(self.update, self.gradients + self.moments + self.kv_cache)
+        """The step's peak in bytes, the weights and the reference plus the larger of the update and
+        sampling (AdamW's moments and the KV cache; the gradients are freed after each update)."""
+        return self.weights + self.reference + max(self.update, self.moments + self.kv_cache)
 
 
 def kv_width(config) -> int:
